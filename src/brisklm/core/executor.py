@@ -1,0 +1,380 @@
+"""The layer-loop executor: runs a HF decoder layer by layer from a `Plan`, using the model's own modules.
+
+Per layer it gathers the rows a step sends through attention (queries), the rows that write keys/values,
+and the rows that go through the MLP, applies the layer's norms, projections, rotary and MLP to just those
+rows, and scatters the results back into the residual stream. Keys carry metadata so that visibility rules
+stay exact under caching, gathering and token dropping. A no-op plan reproduces `model(...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from brisklm.core.adapter import ModelAdapter
+from brisklm.core.cache import KVCache, RowMeta, cat_meta
+from brisklm.core.flops import FlopsCounter
+from brisklm.core.plan import CausalVisibility, LayerStep, Plan
+from brisklm.errors import PlanError
+
+
+@dataclass
+class AttentionRecord:
+    """Attention probabilities of one layer (B, H, Tq, Tk) with the metadata of its queries and keys."""
+
+    probs: torch.Tensor
+    query_meta: RowMeta
+    key_meta: RowMeta
+
+
+@dataclass
+class ExecutorOutput:
+    """Logits (of the requested rows), the last hidden state, and what was asked to be recorded."""
+
+    logits: torch.Tensor | None
+    last_hidden: torch.Tensor
+    meta: RowMeta
+    layer_hidden: list[torch.Tensor] = field(default_factory=list)
+    layer_meta: list[RowMeta] = field(default_factory=list)
+    attentions: list[AttentionRecord | None] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- rows
+def pack_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B, n) of the True rows of a (B, T) mask, in order, padded to the batch maximum; and validity."""
+    batch, length = mask.shape
+    counts = mask.sum(dim=1)
+    n = int(counts.max().item()) if batch else 0
+    arange = torch.arange(length, device=mask.device)
+    sort_key = (~mask).long() * length + arange
+    index = sort_key.argsort(dim=1)[:, :n]
+    valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
+    return index, valid
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, j]] for a (B, T, ...) tensor."""
+    expand = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, expand)
+
+
+def gather_meta(meta: RowMeta, index: torch.Tensor, valid: torch.Tensor | None = None) -> RowMeta:
+    out = {k: v.gather(1, index) for k, v in meta.items()}
+    if valid is not None:
+        out["valid"] = out["valid"] & valid
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- caches
+class _DynamicCacheView:
+    """Lets a transformers Cache (e.g. DynamicCache) serve the executor for dense-key plans."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.cache.get_seq_length(layer_idx))
+
+    def update(self, keys, values, meta, layer_idx):
+        past = self.get_seq_length(layer_idx)
+        keys, values = self.cache.update(keys, values, layer_idx)
+        batch, total = keys.shape[0], keys.shape[2]
+        order = torch.arange(total, device=keys.device).expand(batch, total)
+        new = {k: v for k, v in meta.items()}
+        old = {
+            "order": order[:, :past],
+            "position": order[:, :past],
+            "valid": torch.ones(batch, past, dtype=torch.bool, device=keys.device),
+        }
+        return keys, values, cat_meta([old, new]) if past else new
+
+
+def _next_order(cache, batch: int, device) -> torch.Tensor:
+    """(B, 1) arrival order that continues after what the cache holds."""
+    if cache is None:
+        return torch.zeros(batch, 1, dtype=torch.long, device=device)
+    if isinstance(cache, KVCache):
+        meta = cache.layers[0].meta
+        if "order" in meta and meta["order"].numel():
+            return meta["order"].max(dim=1, keepdim=True).values + 1
+        return torch.zeros(batch, 1, dtype=torch.long, device=device)
+    return torch.full((batch, 1), cache.get_seq_length(0), dtype=torch.long, device=device)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def execute(
+    model,
+    input_ids: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    plan: Plan | None = None,
+    cache=None,
+    context: Sequence[KVCache] = (),
+    attention_mask: torch.Tensor | None = None,
+    logits_rows: Literal["all", "last", "none"] | int = "all",
+    record_hidden: bool = False,
+    record_attention: bool | Sequence[int] = False,
+    flops: FlopsCounter | None = None,
+) -> ExecutorOutput:
+    """Run `model` layer by layer from `plan` over new tokens, reading `context` caches and writing `cache`.
+
+    input_ids / inputs_embeds: (B, T) / (B, T, D) new rows. attention_mask: (B, T) 1 = real token.
+    cache: a `KVCache` (any plan) or a transformers `DynamicCache` (plans with dense keys only).
+    context: read-only caches whose keys every layer may also attend to (e.g. a streaming source cache).
+    logits_rows: "all", "last", "none" or an int n (the last n rows).
+    """
+    adapter = ModelAdapter.from_model(model)
+    plan = plan or Plan()
+    hidden = _embed(adapter, input_ids, inputs_embeds)
+    batch, length, _ = hidden.shape
+    device = hidden.device
+    _check_plan(adapter, plan, batch, length, cache)
+    cache_view = None if cache is None else (cache if isinstance(cache, KVCache) else _DynamicCacheView(cache))
+
+    start = _next_order(cache, batch, device)
+    arange = torch.arange(length, device=device)[None, :]
+    order = plan.order if plan.order is not None else start + arange
+    positions = plan.position_ids if plan.position_ids is not None else start + arange
+    valid = (
+        attention_mask.bool()
+        if attention_mask is not None
+        else torch.ones(batch, length, dtype=torch.bool, device=device)
+    )
+    meta: RowMeta = {"order": order, "position": positions, "valid": valid, "row": arange.expand(batch, length)}
+    meta.update(plan.row_meta)
+    cos, sin = adapter.rotary(hidden, positions)
+
+    out = ExecutorOutput(logits=None, last_hidden=hidden, meta=meta)
+    record_layers = _record_set(record_attention, adapter.num_layers)
+    for layer_idx, layer in enumerate(adapter.layers):
+        step = plan.step(layer_idx)
+        if record_hidden:
+            out.layer_hidden.append(hidden)
+            out.layer_meta.append(meta)
+        visibility = plan.visibility or CausalVisibility(adapter.sliding_window(layer_idx))
+        hidden, record = _attention_block(
+            adapter, layer, layer_idx, hidden, meta, (cos, sin), step, visibility,
+            cache_view, context, layer_idx in record_layers, flops,
+        )
+        out.attentions.append(record)
+        hidden = _mlp_block(adapter, layer, layer_idx, hidden, meta, step, flops)
+        if step is not None and step.keep_after is not None:
+            keep = step.keep_after
+            hidden, cos, sin = gather_rows(hidden, keep), gather_rows(cos, keep), gather_rows(sin, keep)
+            meta = gather_meta(meta, keep)
+
+    if record_hidden:
+        out.layer_hidden.append(hidden)
+        out.layer_meta.append(meta)
+    out.last_hidden, out.meta = hidden, meta
+    out.logits = _logits(adapter, hidden, meta, logits_rows, flops)
+    return out
+
+
+def _embed(adapter: ModelAdapter, input_ids, inputs_embeds) -> torch.Tensor:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise PlanError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, D)")
+    if inputs_embeds is not None:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != adapter.hidden_size:
+            raise PlanError(
+                f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; expected (batch, tokens, {adapter.hidden_size})"
+            )
+        return inputs_embeds
+    if input_ids.dim() != 2:
+        raise PlanError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, tokens)")
+    if input_ids.numel() and (int(input_ids.max()) >= adapter.embed_tokens.num_embeddings or int(input_ids.min()) < 0):
+        raise PlanError(
+            f"input_ids contain ids outside the vocabulary [0, {adapter.embed_tokens.num_embeddings}); "
+            "was the text encoded with this model's tokenizer?"
+        )
+    return adapter.embed_tokens(input_ids)
+
+
+def _check_plan(adapter: ModelAdapter, plan: Plan, batch: int, length: int, cache) -> None:
+    """Reject plans whose shapes do not fit the model or the input, naming the mismatch."""
+    for name in ("position_ids", "order"):
+        value = getattr(plan, name)
+        if value is not None and tuple(value.shape) != (batch, length):
+            raise PlanError(f"plan.{name} has shape {tuple(value.shape)}; the input is (batch={batch}, tokens={length})")
+    for name, value in plan.row_meta.items():
+        if tuple(value.shape) != (batch, length):
+            raise PlanError(f"plan.row_meta[{name!r}] has shape {tuple(value.shape)}; expected ({batch}, {length})")
+    if plan.steps is not None and len(plan.steps) != adapter.num_layers:
+        raise PlanError(
+            f"plan has {len(plan.steps)} layer steps but the model has {adapter.num_layers} layers; "
+            "give one LayerStep (or None) per layer"
+        )
+    rows = length
+    for idx in range(adapter.num_layers):
+        step = plan.step(idx)
+        if step is None:
+            continue
+        for name in ("attn_rows", "mlp_rows", "kv_rows"):
+            value = getattr(step, name)
+            if value is not None and (value.dtype != torch.bool or tuple(value.shape) != (batch, rows)):
+                raise PlanError(
+                    f"layer {idx}: {name} must be a bool tensor of shape ({batch}, {rows}) "
+                    f"(the rows at that layer); got {value.dtype} {tuple(value.shape)}"
+                )
+        if step.keep_after is not None:
+            keep = step.keep_after
+            if keep.dim() != 2 or keep.shape[0] != batch or keep.dtype != torch.long:
+                raise PlanError(f"layer {idx}: keep_after must be long indices (batch, kept); got {tuple(keep.shape)}")
+            if keep.numel() and (int(keep.max()) >= rows or int(keep.min()) < 0):
+                raise PlanError(f"layer {idx}: keep_after indexes rows outside [0, {rows})")
+            rows = keep.shape[1]
+        if cache is not None and not isinstance(cache, KVCache) and (step.kv_rows is not None or step.keep_after is not None):
+            raise PlanError(
+                "plans that drop rows or store only some keys need a brisklm KVCache; "
+                "a transformers DynamicCache cannot record which keys are missing"
+            )
+    if cache is not None and not isinstance(cache, KVCache) and plan.visibility is not None:
+        raise PlanError("a custom visibility rule needs a brisklm KVCache (it stores key metadata); got " + type(cache).__name__)
+
+
+def _record_set(record_attention, num_layers: int) -> set[int]:
+    if record_attention is True:
+        return set(range(num_layers))
+    if not record_attention:
+        return set()
+    return set(int(i) for i in record_attention)
+
+
+def _project(adapter: ModelAdapter, attn, x: torch.Tensor, proj: str, norm: str | None) -> torch.Tensor:
+    """Project rows (B, T, D) into heads (B, H, T, hd) with the module's own linear (and per-head norm)."""
+    batch, length, _ = x.shape
+    y = getattr(attn, proj)(x).view(batch, length, -1, adapter.head_dim)
+    if norm is not None and hasattr(attn, norm):
+        y = getattr(attn, norm)(y)
+    return y.transpose(1, 2)
+
+
+def _rotate(adapter: ModelAdapter, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return adapter.apply_rotary(x, x, cos, sin)[0]
+
+
+def _attention_block(
+    adapter, layer, layer_idx, hidden, meta, rope, step: LayerStep | None, visibility,
+    cache_view, context, record: bool, flops: FlopsCounter | None,
+):
+    attn = layer.self_attn
+    cos, sin = rope
+    q_mask = None if step is None else step.attn_rows
+    kv_mask = None if step is None else step.kv_rows
+    if q_mask is not None and not bool(q_mask.any()) and kv_mask is not None and not bool(kv_mask.any()):
+        return hidden, None  # nothing enters this layer's attention
+
+    # Queries.
+    if q_mask is None:
+        q_index, q_valid = None, None
+        xq_raw, q_meta, cos_q, sin_q = hidden, meta, cos, sin
+    else:
+        q_index, q_valid = pack_rows(q_mask)
+        xq_raw = gather_rows(hidden, q_index)
+        q_meta = gather_meta(meta, q_index, q_valid)
+        cos_q, sin_q = gather_rows(cos, q_index), gather_rows(sin, q_index)
+    # Keys/values of the new rows.
+    same_rows = kv_mask is None and q_mask is None
+    if kv_mask is None:
+        xk_raw, k_meta_new, cos_k, sin_k = hidden, meta, cos, sin
+    else:
+        k_index, k_valid = pack_rows(kv_mask)
+        xk_raw = gather_rows(hidden, k_index)
+        k_meta_new = gather_meta(meta, k_index, k_valid)
+        cos_k, sin_k = gather_rows(cos, k_index), gather_rows(sin, k_index)
+
+    norm = layer.input_layernorm
+    xq = norm(xq_raw)
+    xk = xq if same_rows else norm(xk_raw)
+    query = _rotate(adapter, _project(adapter, attn, xq, "q_proj", "q_norm"), cos_q, sin_q)
+    key = _rotate(adapter, _project(adapter, attn, xk, "k_proj", "k_norm"), cos_k, sin_k)
+    value = _project(adapter, attn, xk, "v_proj", None)
+
+    if cache_view is not None:
+        keys, values, k_meta = cache_view.update(key, value, k_meta_new, layer_idx)
+    else:
+        keys, values, k_meta = key, value, k_meta_new
+    ctx_parts = [c.read(layer_idx) for c in context]
+    ctx_parts = [p for p in ctx_parts if p[0] is not None]
+    if ctx_parts:
+        keys = torch.cat([p[0] for p in ctx_parts] + [keys], dim=2)
+        values = torch.cat([p[1] for p in ctx_parts] + [values], dim=2)
+        k_meta = cat_meta([p[2] for p in ctx_parts] + [k_meta])
+
+    visible = visibility(q_meta, k_meta, layer_idx) & k_meta["valid"][:, None, :]
+    has_any = visible.any(dim=-1)
+    safe = visible | ~has_any[..., None]
+    groups = adapter.num_heads // adapter.num_kv_heads
+    probs = None
+    if record:
+        k_rep = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
+        v_rep = values.repeat_interleave(groups, dim=1) if groups > 1 else values
+        scores = torch.matmul(query, k_rep.transpose(2, 3)) * attn.scaling
+        scores = scores.masked_fill(~safe[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = probs * has_any[:, None, :, None]
+        context_out = torch.matmul(probs, v_rep)
+    else:
+        context_out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=safe[:, None], scale=attn.scaling, enable_gqa=groups > 1
+        )
+    context_out = context_out * has_any[:, None, :, None]
+    batch, _, n_q, _ = context_out.shape
+    delta = attn.o_proj(context_out.transpose(1, 2).reshape(batch, n_q, -1))
+
+    if flops is not None:
+        _count_attention(adapter, flops, layer_idx, q_meta, k_meta_new, visible)
+    if q_index is None:
+        hidden = hidden + delta
+    else:
+        delta = delta * q_valid[..., None]
+        hidden = hidden.scatter_add(1, q_index[..., None].expand_as(delta), delta)
+    record_out = AttentionRecord(probs, q_meta, k_meta) if record else None
+    return hidden, record_out
+
+
+def _count_attention(adapter, flops: FlopsCounter, layer_idx, q_meta, k_meta_new, visible) -> None:
+    d, h, hkv, hd = adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
+    n_q = int(q_meta["valid"].sum())
+    n_kv = int(k_meta_new["valid"].sum())
+    pairs = int((visible & q_meta["valid"][..., None]).sum())
+    flops.add(layer_idx, "q_proj", 2 * n_q * d * h * hd)
+    flops.add(layer_idx, "kv_proj", 4 * n_kv * d * hkv * hd)
+    flops.add(layer_idx, "o_proj", 2 * n_q * h * hd * d)
+    flops.add(layer_idx, "attn_scores", 4 * h * hd * pairs)
+
+
+def _mlp_block(adapter, layer, layer_idx, hidden, meta, step: LayerStep | None, flops: FlopsCounter | None):
+    mask = None if step is None else step.mlp_rows
+    norm, mlp = layer.post_attention_layernorm, layer.mlp
+    if mask is None:
+        if flops is not None:
+            flops.add(layer_idx, "mlp", 6 * int(meta["valid"].sum()) * adapter.hidden_size * adapter.intermediate_size)
+        return hidden + mlp(norm(hidden))
+    rows = mask.nonzero(as_tuple=True)
+    if flops is not None:
+        real = int((mask & meta["valid"]).sum())
+        flops.add(layer_idx, "mlp", 6 * real * adapter.hidden_size * adapter.intermediate_size)
+    if rows[0].numel() == 0:
+        return hidden
+    selected = hidden[rows]
+    return hidden.index_put(rows, selected + mlp(norm(selected)))
+
+
+def _logits(adapter, hidden, meta, logits_rows, flops: FlopsCounter | None):
+    if logits_rows == "none":
+        return None
+    if logits_rows == "all":
+        chosen = hidden
+    elif logits_rows == "last":
+        chosen = hidden[:, -1:]
+    elif isinstance(logits_rows, int) and logits_rows > 0:
+        chosen = hidden[:, -logits_rows:]
+    else:
+        raise PlanError(f"logits_rows must be 'all', 'last', 'none' or a positive int; got {logits_rows!r}")
+    if flops is not None:
+        flops.add(adapter.num_layers, "lm_head", 2 * chosen.shape[0] * chosen.shape[1] * adapter.hidden_size * adapter.vocab_size)
+    return adapter.logits(chosen)

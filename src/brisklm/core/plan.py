@@ -1,0 +1,91 @@
+"""Plans for the layer-loop executor: which rows go through which module, with which positions and keys.
+
+Every method in brisklm (streaming masks, skipped modules, dropped visual tokens, cross-attention layers)
+is a function that builds a `Plan`. Visibility is a rule over row metadata, so it stays correct when rows
+are gathered, dropped or cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from brisklm.core.cache import RowMeta
+
+
+class Visibility(Protocol):
+    """Decides which keys each query may see: returns a bool tensor (B, Tq, Tk), True = visible."""
+
+    def __call__(self, query: RowMeta, key: RowMeta, layer_idx: int) -> torch.Tensor: ...
+
+
+@dataclass
+class CausalVisibility:
+    """Standard causal attention over arrival order (optionally a sliding window)."""
+
+    window: int | None = None
+
+    def __call__(self, query: RowMeta, key: RowMeta, layer_idx: int) -> torch.Tensor:
+        diff = query["order"][:, :, None] - key["order"][:, None, :]
+        visible = diff >= 0
+        if self.window is not None:
+            visible &= diff < self.window
+        return visible
+
+
+@dataclass
+class MatrixVisibility:
+    """An explicit (B, N, N) boolean mask indexed by the rows' arrival order (e.g. a training mask)."""
+
+    matrix: torch.Tensor
+
+    def __call__(self, query: RowMeta, key: RowMeta, layer_idx: int) -> torch.Tensor:
+        m = self.matrix
+        b = torch.arange(m.shape[0], device=m.device)[:, None, None]
+        return m[b, query["order"][:, :, None], key["order"][:, None, :]]
+
+
+@dataclass
+class LayerStep:
+    """What happens at one decoder layer. Row masks are bool (B, T) over the layer's current rows.
+
+    attn_rows: rows whose attention output is added (others keep their residual). None = all.
+    mlp_rows:  rows that go through the MLP. None = all.
+    kv_rows:   rows whose keys/values are computed and stored at this layer. None = all.
+    keep_after: (B, T') long indices of the rows that stay in the stream after this layer. None = all.
+    """
+
+    attn_rows: torch.Tensor | None = None
+    mlp_rows: torch.Tensor | None = None
+    kv_rows: torch.Tensor | None = None
+    keep_after: torch.Tensor | None = None
+
+    @property
+    def is_noop(self) -> bool:
+        return all(x is None for x in (self.attn_rows, self.mlp_rows, self.kv_rows, self.keep_after))
+
+
+@dataclass
+class Plan:
+    """A whole forward: positions and metadata of the new rows, a visibility rule, and per-layer steps.
+
+    position_ids: (B, T) rotary positions; None = continue after the cache (0.. without one).
+    order: (B, T) arrival order used by causal rules; None = continue after the cache.
+    visibility: rule for which keys a query sees; None = causal (with the model's sliding window).
+    row_meta: extra per-row tensors (B, T) that a visibility rule reads (stored with cached keys too).
+    steps: one LayerStep (or None) per layer; None = dense.
+    """
+
+    position_ids: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    visibility: Visibility | None = None
+    row_meta: RowMeta = field(default_factory=dict)
+    steps: Sequence[LayerStep | None] | None = None
+
+    def step(self, layer_idx: int) -> LayerStep | None:
+        if self.steps is None:
+            return None
+        step = self.steps[layer_idx]
+        return None if step is None or step.is_noop else step

@@ -1,0 +1,41 @@
+"""Wall-clock timing of a callable (warm-up, then repeats; the median resists noise on shared CPUs)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+from brisklm.errors import BriskError
+
+
+def _samples(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    """Run `fn` warmup times untimed, then `repeats` times timed with perf_counter; return the seconds."""
+    if repeats < 1:
+        raise BriskError(f"repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise BriskError(f"warmup must be non-negative, got {warmup}")
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def time_many(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, float | int]:
+    """Time `fn` and return median_s, min_s, max_s and repeats, for benchmark tables."""
+    seconds = _samples(fn, repeats, warmup)
+    return {
+        "median_s": statistics.median(seconds),
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "repeats": repeats,
+    }
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn` over `repeats` calls after `warmup` untimed calls."""
+    return float(time_many(fn, repeats, warmup)["median_s"])
