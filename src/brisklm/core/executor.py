@@ -96,10 +96,11 @@ def _next_order(cache, batch: int, device) -> torch.Tensor:
     """(B, 1) arrival order that continues after what the cache holds."""
     if cache is None:
         return torch.zeros(batch, 1, dtype=torch.long, device=device)
-    if isinstance(cache, KVCache):
-        meta = cache.layers[0].meta
-        if "order" in meta and meta["order"].numel():
-            return meta["order"].max(dim=1, keepdim=True).values + 1
+    if isinstance(cache, KVCache):  # layers may hold different keys (evicted rows): take the latest anywhere
+        latest = [l.meta["order"].max(dim=1, keepdim=True).values for l in cache.layers
+                  if "order" in l.meta and l.meta["order"].numel()]
+        if latest:
+            return torch.stack(latest).max(dim=0).values + 1
         return torch.zeros(batch, 1, dtype=torch.long, device=device)
     return torch.full((batch, 1), cache.get_seq_length(0), dtype=torch.long, device=device)
 
@@ -151,6 +152,10 @@ def execute(
     record_layers = _record_set(record_attention, adapter.num_layers)
     for layer_idx, layer in enumerate(adapter.layers):
         step = plan.step(layer_idx)
+        if plan.decide is not None:
+            step = plan.decide(layer_idx, hidden, meta, step)
+            step = None if step is None or step.is_noop else step
+            _check_step(step, layer_idx, batch, hidden.shape[1], cache)
         if record_hidden:
             out.layer_hidden.append(hidden)
             out.layer_meta.append(meta)
@@ -210,29 +215,36 @@ def _check_plan(adapter: ModelAdapter, plan: Plan, batch: int, length: int, cach
     rows = length
     for idx in range(adapter.num_layers):
         step = plan.step(idx)
-        if step is None:
-            continue
-        for name in ("attn_rows", "mlp_rows", "kv_rows"):
-            value = getattr(step, name)
-            if value is not None and (value.dtype != torch.bool or tuple(value.shape) != (batch, rows)):
-                raise PlanError(
-                    f"layer {idx}: {name} must be a bool tensor of shape ({batch}, {rows}) "
-                    f"(the rows at that layer); got {value.dtype} {tuple(value.shape)}"
-                )
-        if step.keep_after is not None:
-            keep = step.keep_after
-            if keep.dim() != 2 or keep.shape[0] != batch or keep.dtype != torch.long:
-                raise PlanError(f"layer {idx}: keep_after must be long indices (batch, kept); got {tuple(keep.shape)}")
-            if keep.numel() and (int(keep.max()) >= rows or int(keep.min()) < 0):
-                raise PlanError(f"layer {idx}: keep_after indexes rows outside [0, {rows})")
-            rows = keep.shape[1]
-        if cache is not None and not isinstance(cache, KVCache) and (step.kv_rows is not None or step.keep_after is not None):
-            raise PlanError(
-                "plans that drop rows or store only some keys need a brisklm KVCache; "
-                "a transformers DynamicCache cannot record which keys are missing"
-            )
+        if step is not None:
+            rows = _check_step(step, idx, batch, rows, cache)
     if cache is not None and not isinstance(cache, KVCache) and plan.visibility is not None:
         raise PlanError("a custom visibility rule needs a brisklm KVCache (it stores key metadata); got " + type(cache).__name__)
+
+
+def _check_step(step: LayerStep | None, idx: int, batch: int, rows: int, cache) -> int:
+    """Reject a layer step whose masks do not fit the (batch, rows) at that layer; return the rows after it."""
+    if step is None:
+        return rows
+    for name in ("attn_rows", "mlp_rows", "kv_rows"):
+        value = getattr(step, name)
+        if value is not None and (value.dtype != torch.bool or tuple(value.shape) != (batch, rows)):
+            raise PlanError(
+                f"layer {idx}: {name} must be a bool tensor of shape ({batch}, {rows}) "
+                f"(the rows at that layer); got {value.dtype} {tuple(value.shape)}"
+            )
+    if step.keep_after is not None:
+        keep = step.keep_after
+        if keep.dim() != 2 or keep.shape[0] != batch or keep.dtype != torch.long:
+            raise PlanError(f"layer {idx}: keep_after must be long indices (batch, kept); got {tuple(keep.shape)}")
+        if keep.numel() and (int(keep.max()) >= rows or int(keep.min()) < 0):
+            raise PlanError(f"layer {idx}: keep_after indexes rows outside [0, {rows})")
+        rows = keep.shape[1]
+    if cache is not None and not isinstance(cache, KVCache) and (step.kv_rows is not None or step.keep_after is not None):
+        raise PlanError(
+            "plans that drop rows or store only some keys need a brisklm KVCache; "
+            "a transformers DynamicCache cannot record which keys are missing"
+        )
+    return rows
 
 
 def _record_set(record_attention, num_layers: int) -> set[int]:
@@ -289,7 +301,6 @@ def _attention_block(
     norm = layer.input_layernorm
     xq = norm(xq_raw)
     xk = xq if same_rows else norm(xk_raw)
-    query = _rotate(adapter, _project(adapter, attn, xq, "q_proj", "q_norm"), cos_q, sin_q)
     key = _rotate(adapter, _project(adapter, attn, xk, "k_proj", "k_norm"), cos_k, sin_k)
     value = _project(adapter, attn, xk, "v_proj", None)
 
@@ -297,6 +308,12 @@ def _attention_block(
         keys, values, k_meta = cache_view.update(key, value, k_meta_new, layer_idx)
     else:
         keys, values, k_meta = key, value, k_meta_new
+    if xq.shape[1] == 0:  # no row queries at this layer (keys/values were still stored above)
+        if flops is not None:
+            flops.add(layer_idx, "kv_proj", 4 * int(k_meta_new["valid"].sum()) * adapter.hidden_size
+                      * adapter.num_kv_heads * adapter.head_dim)
+        return hidden, None
+    query = _rotate(adapter, _project(adapter, attn, xq, "q_proj", "q_norm"), cos_q, sin_q)
     ctx_parts = [c.read(layer_idx) for c in context]
     ctx_parts = [p for p in ctx_parts if p[0] is not None]
     if ctx_parts:

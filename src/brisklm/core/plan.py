@@ -8,7 +8,7 @@ are gathered, dropped or cached.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -76,6 +76,9 @@ class Plan:
     visibility: rule for which keys a query sees; None = causal (with the model's sliding window).
     row_meta: extra per-row tensors (B, T) that a visibility rule reads (stored with cached keys too).
     steps: one LayerStep (or None) per layer; None = dense.
+    decide: optional rule `(layer_idx, hidden (B, T, D), meta, step) -> LayerStep | None` called when the
+        layer is reached, for decisions that depend on the layer's input (e.g. token routers); its result
+        replaces that layer's step. None = the static steps only.
     """
 
     position_ids: torch.Tensor | None = None
@@ -83,6 +86,7 @@ class Plan:
     visibility: Visibility | None = None
     row_meta: RowMeta = field(default_factory=dict)
     steps: Sequence[LayerStep | None] | None = None
+    decide: Callable[[int, torch.Tensor, RowMeta, LayerStep | None], LayerStep | None] | None = None
 
     def step(self, layer_idx: int) -> LayerStep | None:
         if self.steps is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from brisklm.errors import BriskError
-from brisklm.zoo.registry import recipes
+from brisklm.zoo.registry import get_recipe, recipes
 from brisklm.zoo.store import is_trained, read_quality, train, zoo_path
 
 
@@ -33,6 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     names = list(recipes()) if args.all else args.names
     if not names:
         raise BriskError("name the zoo models to train (see `brisk zoo list`) or pass --all")
+    for name in names:
+        get_recipe(name)  # fail before any training if a name is unknown
     for name in names:
         if is_trained(name, args.seed) and not args.force:
             print(f"{name}: already trained at {zoo_path(name, args.seed)} ({_quality_text(read_quality(zoo_path(name, args.seed)))})")

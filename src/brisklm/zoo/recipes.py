@@ -85,7 +85,7 @@ register(ZooRecipe(
     train=train_text_recipe,
     quality_metric="bleu",
     options=dict(n_train=20000, n_test=300, evaluator="bleu", max_new_tokens=48,
-                 train=dict(steps=1500, batch_size=32, learning_rate=3e-3)),
+                 train=dict(steps=600, batch_size=32, learning_rate=3e-3)),
 ))
 register(ZooRecipe(
     name="arith-cot",
@@ -94,7 +94,7 @@ register(ZooRecipe(
     train=train_text_recipe,
     quality_metric="accuracy",
     options=dict(n_train=20000, n_test=300, evaluator="answers", max_new_tokens=120,
-                 train=dict(steps=1500, batch_size=32, learning_rate=3e-3)),
+                 train=dict(steps=600, batch_size=32, learning_rate=3e-3)),
 ))
 register(ZooRecipe(
     name="mixed-lm",
@@ -103,5 +103,5 @@ register(ZooRecipe(
     train=train_text_recipe,
     quality_metric="perplexity",
     options=dict(n_train=20000, n_test=300, evaluator="lm", plain_lm=True, size="deep",
-                 train=dict(steps=1500, batch_size=32, learning_rate=3e-3)),
+                 train=dict(steps=600, batch_size=32, learning_rate=3e-3)),
 ))

@@ -90,6 +90,16 @@ def resolve(name_or_path: str, seed: int = 0, train_if_missing: bool = True) -> 
     )
 
 
+def check_tokenizer_fits(model, tokenizer, where: object = "the model") -> None:
+    """Refuse a tokenizer whose ids the model cannot embed (a tokenizer from another model)."""
+    embed_rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embed_rows:
+        raise BriskError(
+            f"the tokenizer has {len(tokenizer)} tokens but {where} embeds only {embed_rows}; "
+            "use the tokenizer saved with this model"
+        )
+
+
 def load(name_or_path: str, seed: int = 0, train_if_missing: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer from a zoo name or a local checkpoint folder, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,5 +112,6 @@ def load(name_or_path: str, seed: int = 0, train_if_missing: bool = True) -> Loa
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if (path / "tokenizer.json").exists() else None
     if tokenizer is None:
         raise BriskError(f"{path} has no tokenizer.json; save the tokenizer beside the model with save_pretrained")
+    check_tokenizer_fits(model, tokenizer, path)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, quality=read_quality(path))

@@ -6,6 +6,7 @@ A sequence is `<bos> prompt <sep> completion <eos>`; the loss covers the complet
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -86,7 +87,7 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
         use_cpu=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        disable_tqdm=False,
+        disable_tqdm=not sys.stderr.isatty(),  # bars on a terminal, none in CI logs
     )
 
 
