@@ -1,0 +1,260 @@
+"""The ICL coordinate system: accuracy and PIR in four quadrants (task recognised? similar demo present?).
+
+Q1 recognised + similar, Q2 recognised only, Q3 neither, Q4 similar only. Manipulations: the similar demonstration
+mislabelled (does the model copy it or follow its prior?), the shot count (do more shots help without a similar
+example?) and, in Q3, how often the first demonstration's label is predicted. Prediction is the argmax over the
+whole vocabulary at the last prompt token, read from the same recorded pass that gives PIR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from brisklm.analysis.lens import EncodedPrompts, decode_hidden, encode_prompts, gather_positions, run_recorded
+from brisklm.analysis.pir import MODES, PirResult, concat_results, pir_from_output
+from brisklm.core.adapter import ModelAdapter
+from brisklm.errors import BriskError
+from brisklm.tasks.base import Example
+from brisklm.tasks.icl import TASK_SPECS, IclTask
+from brisklm.tasks.tokenizer import encode_words
+
+QUADRANTS: dict[str, tuple[bool, bool]] = {"Q1": (True, True), "Q2": (True, False), "Q3": (False, False), "Q4": (False, True)}
+RECOGNISABLE = tuple(n for n, s in TASK_SPECS.items() if s.recognisable)
+ARBITRARY = tuple(n for n, s in TASK_SPECS.items() if not s.recognisable)
+Progress = Callable[..., Any]
+
+
+def _quiet(iterable, **_: Any):
+    return iterable
+
+
+@dataclass
+class IclBatch:
+    """Encoded ICL prompts with, per row (B,): label / query positions (`<bos>` = 0) and the relevant token ids."""
+
+    enc: EncodedPrompts
+    label_positions: torch.Tensor
+    query_positions: torch.Tensor
+    answer_ids: torch.Tensor
+    task_ids: torch.Tensor
+    first_label_ids: torch.Tensor
+    similar_label_ids: torch.Tensor  # the label shown on the similar demonstration (-1 when there is none)
+
+
+def task_word(example: Example) -> str:
+    """The word naming an example's task: its input domain ('sentiment', 'category'), also for arbitrary labels."""
+    return TASK_SPECS[example.meta["task"]].domain
+
+
+def encode_icl(tokenizer, examples: Sequence[Example], label_index: int = -1) -> IclBatch:
+    """Encode ICL examples; the PIR label is demonstration `label_index` (default: the last, as the public code)."""
+    if not examples:
+        raise BriskError("no ICL examples given")
+    enc = encode_prompts(tokenizer, [e.prompt for e in examples])
+    labels, queries, answers, tasks, firsts, similar = [], [], [], [], [], []
+    for e in examples:
+        positions = e.meta["label_positions"]
+        if not -len(positions) <= label_index < len(positions):
+            raise BriskError(f"label_index {label_index} is out of range for {len(positions)} demonstrations")
+        labels.append(positions[label_index] + 1)  # +1 for <bos>
+        queries.append(e.meta["query_position"] + 1)
+        answers.append(e.completion.split()[0])
+        tasks.append(task_word(e))
+        firsts.append(e.meta["demo_labels"][0])
+        idx = e.meta.get("similar_index")
+        similar.append(None if idx is None else e.meta["demo_labels"][idx])
+    ids = lambda words: torch.tensor(encode_words(tokenizer, words), dtype=torch.long)  # noqa: E731
+    sim = torch.tensor([-1 if w is None else encode_words(tokenizer, [w])[0] for w in similar], dtype=torch.long)
+    return IclBatch(enc, torch.tensor(labels), torch.tensor(queries), ids(answers), ids(tasks), ids(firsts), sim)
+
+
+@dataclass
+class BatchAnalysis:
+    """Predictions (B,) at the query and PIR results per mode for one batch."""
+
+    predictions: torch.Tensor
+    pir: dict[str, PirResult]
+
+
+@torch.no_grad()
+def analyse_batch(model, batch: IclBatch, modes: Sequence[str] = MODES) -> BatchAnalysis:
+    """One recorded pass: next-token prediction at each query and PIR of the chosen label token."""
+    adapter = ModelAdapter.from_model(model)
+    out = run_recorded(model, batch.enc, record_attention="attn_contrib" in modes)
+    last = gather_positions(out.layer_hidden[-1], batch.query_positions[:, None])[:, 0]  # (B, D)
+    predictions = decode_hidden(adapter, last).argmax(dim=-1)
+    pir = pir_from_output(adapter, out, batch.label_positions, batch.query_positions, batch.task_ids, tuple(modes))
+    return BatchAnalysis(predictions, pir)
+
+
+@dataclass
+class ConditionResult:
+    """Accuracy and behaviour rates of one condition, with PIR per mode over its prompts."""
+
+    tasks: tuple[str, ...]
+    shots: int
+    with_similar: bool
+    mislabel_similar: bool
+    n: int
+    accuracy: float
+    copy_similar_rate: float | None
+    first_label_rate: float
+    in_label_space: float
+    pir: dict[str, PirResult] = field(default_factory=dict)
+
+    def pir_mean(self, mode: str) -> float | None:
+        return self.pir[mode].mean_pir() if mode in self.pir else None
+
+    def pir_curve(self, mode: str) -> list[float] | None:
+        return self.pir[mode].mean_curve() if mode in self.pir else None
+
+
+@torch.no_grad()
+def evaluate_condition(model, tokenizer, tasks: Sequence[str], shots: int = 4, with_similar: bool = False,
+                       mislabel_similar: bool = False, n: int = 64, seed: int = 0, batch_size: int = 64,
+                       modes: Sequence[str] = MODES, rule_seed: int = 0) -> ConditionResult:
+    """Sample n test prompts of one condition and measure accuracy, copying, first-label bias and PIR, batched."""
+    if n < 1 or batch_size < 1:
+        raise BriskError(f"n and batch_size must be >= 1 (got n={n}, batch_size={batch_size})")
+    task = IclTask(tuple(tasks), shots=shots, with_similar=with_similar, mislabel_similar=mislabel_similar,
+                   rule_seed=rule_seed)
+    examples = task.examples("test", n, seed=seed)
+    preds, answers, firsts, similar, spaces, parts = [], [], [], [], [], {m: [] for m in modes}
+    for start in range(0, n, batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = encode_icl(tokenizer, chunk)
+        result = analyse_batch(model, batch, modes)
+        preds.append(result.predictions)
+        answers.append(batch.answer_ids)
+        firsts.append(batch.first_label_ids)
+        similar.append(batch.similar_label_ids)
+        spaces += [set(encode_words(tokenizer, e.meta["label_space"])) for e in chunk]
+        for mode in modes:
+            parts[mode].append(result.pir[mode])
+    pred, answer = torch.cat(preds), torch.cat(answers)
+    sim = torch.cat(similar)
+    return ConditionResult(
+        tasks=tuple(tasks), shots=shots, with_similar=with_similar, mislabel_similar=mislabel_similar, n=n,
+        accuracy=float((pred == answer).float().mean()),
+        copy_similar_rate=float((pred == sim).float().mean()) if with_similar else None,
+        first_label_rate=float((pred == torch.cat(firsts)).float().mean()),
+        in_label_space=sum(int(p) in s for p, s in zip(pred.tolist(), spaces)) / n,
+        pir={m: concat_results(parts[m]) for m in modes},
+    )
+
+
+@dataclass
+class IclExperiment:
+    """The coordinate-system experiment's rows (quadrants, mislabel, shots) and PIR curves per quadrant."""
+
+    quadrants: dict[str, ConditionResult]
+    mislabelled: dict[str, ConditionResult]
+    shots: dict[str, dict[int, ConditionResult]]
+
+    def quadrant_rows(self) -> list[dict[str, Any]]:
+        """One table row per quadrant (plus the mislabelled-similar variants of Q1 and Q4)."""
+        rows = []
+        for name, res in [*self.quadrants.items(), *((f"{k} mislabelled", v) for k, v in self.mislabelled.items())]:
+            rows.append({
+                "quadrant": name, "tasks": "recognisable" if res.tasks == RECOGNISABLE else "arbitrary",
+                "similar demo": ("mislabelled" if res.mislabel_similar else "yes") if res.with_similar else "no",
+                "shots": res.shots, "n": res.n, "accuracy": res.accuracy,
+                "copies similar label": res.copy_similar_rate, "predicts first demo label": res.first_label_rate,
+                "PIR residual": res.pir_mean("residual"), "PIR attn_contrib": res.pir_mean("attn_contrib"),
+            })
+        return rows
+
+    def shot_rows(self) -> list[dict[str, Any]]:
+        """Accuracy per shot count for the quadrants without a similar demonstration."""
+        return [{"quadrant": q, "shots": k, "accuracy": r.accuracy, "predicts first demo label": r.first_label_rate}
+                for q, by_shots in self.shots.items() for k, r in sorted(by_shots.items())]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able figures: the tables and the mean PIR curve per quadrant and mode."""
+        curves = {q: {m: r.pir_curve(m) for m in r.pir} for q, r in self.quadrants.items()}
+        return {"quadrants": self.quadrant_rows(), "shots": self.shot_rows(), "pir_curves": curves}
+
+
+def run_icl_experiment(model, tokenizer, n: int = 64, shots: int = 4, shot_counts: Sequence[int] = (1, 2, 4, 8),
+                       seed: int = 0, batch_size: int = 64, progress: Progress = _quiet) -> IclExperiment:
+    """Run the four quadrants, the mislabelled-similar manipulation and the shot sweep on one model."""
+    jobs: list[tuple[str, Any, dict[str, Any]]] = []
+    for name, (recognised, similar) in QUADRANTS.items():
+        jobs.append(("quadrant", name, dict(tasks=RECOGNISABLE if recognised else ARBITRARY, shots=shots,
+                                              with_similar=similar)))
+        if similar:
+            jobs.append(("mislabelled", name, dict(tasks=RECOGNISABLE if recognised else ARBITRARY, shots=shots,
+                                                     with_similar=True, mislabel_similar=True)))
+    for name in ("Q2", "Q3"):
+        for k in shot_counts:
+            if k != shots:
+                jobs.append(("shots", (name, k), dict(tasks=RECOGNISABLE if name == "Q2" else ARBITRARY, shots=k)))
+    quadrants: dict[str, ConditionResult] = {}
+    mislabelled: dict[str, ConditionResult] = {}
+    by_shots: dict[str, dict[int, ConditionResult]] = {"Q2": {}, "Q3": {}}
+    for kind, key, kwargs in progress(jobs, desc="ICL conditions"):
+        modes = MODES if kind == "quadrant" else ()
+        res = evaluate_condition(model, tokenizer, n=n, seed=seed, batch_size=batch_size, modes=modes, **kwargs)
+        if kind == "quadrant":
+            quadrants[key] = res
+        elif kind == "mislabelled":
+            mislabelled[key] = res
+        else:
+            by_shots[key[0]][key[1]] = res
+    for name in ("Q2", "Q3"):
+        if shots in shot_counts:
+            by_shots[name][shots] = quadrants[name]
+    return IclExperiment(quadrants, mislabelled, by_shots)
+
+
+def plot_experiment(exp: IclExperiment) -> Any:
+    """A figure: PIR per layer (both modes) per quadrant, accuracy per quadrant, accuracy against shots."""
+    from brisklm.eval.report import new_figure
+
+    fig = new_figure(13.0, 3.6)
+    axes = fig.subplots(1, 4)
+    styles = {"Q1": "C0-", "Q2": "C0--", "Q3": "C3-", "Q4": "C3--"}
+    for ax, mode in zip(axes[:2], MODES):
+        for q, res in exp.quadrants.items():
+            curve = res.pir_curve(mode)
+            ax.plot(range(1, len(curve) + 1), curve, styles[q], marker="o", label=q)
+        ax.set_title(f"inverse rank per layer ({mode})")
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=7)
+    names = list(exp.quadrants) + [f"{k}\nmislab." for k in exp.mislabelled]
+    values = [r.accuracy for r in exp.quadrants.values()] + [r.accuracy for r in exp.mislabelled.values()]
+    axes[2].bar(range(len(values)), values, color=["C0", "C0", "C3", "C3"] + ["C7"] * len(exp.mislabelled))
+    axes[2].set_xticks(range(len(values)), names, fontsize=7)
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_title("accuracy per quadrant")
+    for q, by_shots in exp.shots.items():
+        ks = sorted(by_shots)
+        axes[3].plot(ks, [by_shots[k].accuracy for k in ks], styles[q], marker="o", label=q)
+    axes[3].set_xlabel("shots")
+    axes[3].set_ylim(0, 1.05)
+    axes[3].set_title("accuracy vs shots (no similar demo)")
+    axes[3].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_plot(exp: IclExperiment, path: Path) -> Path:
+    """Write the experiment's figure as PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_experiment(exp).savefig(path)
+    return path
+
+
+@torch.no_grad()
+def pir_for_task(model, tokenizer, task: str, n: int = 64, shots: int = 4, with_similar: bool = False,
+                 seed: int = 0, batch_size: int = 64, modes: Sequence[str] = MODES) -> ConditionResult:
+    """PIR (and accuracy) of one named ICL task, e.g. 'sentiment' or 'sentiment_arbitrary'."""
+    if task not in TASK_SPECS:
+        raise BriskError(f"unknown ICL task {task!r}: choose from {', '.join(TASK_SPECS)}")
+    return evaluate_condition(model, tokenizer, (task,), shots=shots, with_similar=with_similar, n=n, seed=seed,
+                              batch_size=batch_size, modes=modes)
