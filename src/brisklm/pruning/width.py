@@ -1,0 +1,155 @@
+"""Static width pruning: unstructured magnitude / Wanda, and structured MLP-channel + attention-head pruning.
+
+Unstructured methods zero weights (same shapes; no dense speed-up). Structured pruning really shrinks
+the matrices: MLP channels leave gate/up rows and down columns, query heads leave q rows and o columns
+(the same number per KV group in every layer, so GQA stays balanced and the config stays uniform); the
+result saves and reloads as a normal HF checkpoint with smaller intermediate_size / num_attention_heads.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from brisklm.core.adapter import ModelAdapter
+from brisklm.errors import BriskError
+from brisklm.pruning.calibration import CalibData
+from brisklm.pruning.skipgpt import check_sparsity
+
+WIDTH_METHODS = ("magnitude", "wanda", "structured")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _linears(adapter: ModelAdapter) -> dict[str, nn.Linear]:
+    """Every projection of the decoder layers by a stable name 'layer.module'."""
+    out = {}
+    for i, layer in enumerate(adapter.layers):
+        for name in LINEARS:
+            parent = layer.self_attn if name in LINEARS[:4] else layer.mlp
+            if isinstance(getattr(parent, name, None), nn.Linear):
+                out[f"{i}.{name}"] = getattr(parent, name)
+    return out
+
+
+@torch.no_grad()
+def activation_norms(model, data: CalibData, pad_id: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over valid calibration tokens for the input channel j of every decoder projection."""
+    adapter = ModelAdapter.from_model(model)
+    linears = _linears(adapter)
+    sums = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            x = args[0][current["mask"]]  # (N_valid, in)
+            sums[name] += x.double().pow(2).sum(0)
+        return fn
+
+    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+    try:
+        for batch in data.batches(batch_size, pad_id):
+            current["mask"] = batch["attention_mask"].bool()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.sqrt().float() for k, v in sums.items()}
+
+
+def decoder_linear_params(model) -> int:
+    """Parameters of all decoder-layer projections (the pool pruning sparsity refers to)."""
+    return sum(lin.weight.numel() for lin in _linears(ModelAdapter.from_model(model)).values())
+
+
+def zero_fraction(model) -> float:
+    """Fraction of decoder-layer projection weights that are exactly zero."""
+    linears = _linears(ModelAdapter.from_model(model)).values()
+    return sum(int((l.weight == 0).sum()) for l in linears) / sum(l.weight.numel() for l in linears)
+
+
+@torch.no_grad()
+def prune_unstructured(model, sparsity: float, method: str = "wanda",
+                       norms: dict[str, torch.Tensor] | None = None):
+    """Zero the lowest-scoring `sparsity` fraction of each output row: |W| (magnitude) or |W|*||X|| (Wanda)."""
+    check_sparsity(sparsity)
+    if method not in ("magnitude", "wanda"):
+        raise BriskError(f"unknown unstructured method {method!r}; use magnitude or wanda")
+    if method == "wanda" and norms is None:
+        raise BriskError("Wanda needs calibration activations; pass norms=activation_norms(model, data, pad_id)")
+    pruned = copy.deepcopy(model)
+    for name, lin in _linears(ModelAdapter.from_model(pruned)).items():
+        score = lin.weight.abs()  # (out, in)
+        if method == "wanda":
+            score = score * norms[name][None, :]
+        k = int(round(sparsity * lin.in_features))
+        if k == 0:
+            continue
+        drop = score.topk(k, dim=1, largest=False).indices
+        lin.weight.scatter_(1, drop, 0.0)
+    return pruned.eval()
+
+
+def _shrink_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping output rows (dim=0) or input columns (dim=1) `keep`."""
+    weight = lin.weight.index_select(dim, keep)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=lin.bias is not None, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if lin.bias is not None:
+        new.bias.data.copy_(lin.bias if dim == 1 else lin.bias.index_select(0, keep))
+    return new
+
+
+@torch.no_grad()
+def prune_structured(model, sparsity: float, norms: dict[str, torch.Tensor], heads_per_group: int = 0):
+    """Remove `heads_per_group` query heads per KV group and enough MLP channels to reach `sparsity`.
+
+    Scores are Wanda-style: ||X_cols|| * ||W_cols|| on the module's output projection (o_proj / down_proj).
+    Returns (smaller model, report with realised sparsity of the decoder projections).
+    """
+    check_sparsity(sparsity)
+    adapter = ModelAdapter.from_model(model)
+    d, h, hkv, hd, m = (adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim,
+                        adapter.intermediate_size)
+    group = h // hkv
+    if not 0 <= heads_per_group < group:
+        raise BriskError(f"heads_per_group must be in [0, {group - 1}] (each KV group has {group} query heads)")
+    total = decoder_linear_params(model)
+    head_saving = adapter.num_layers * hkv * heads_per_group * 2 * hd * d
+    mlp_saving_needed = sparsity * total - head_saving
+    if mlp_saving_needed < 0:
+        raise BriskError(f"removing {heads_per_group} head(s) per group already exceeds sparsity {sparsity}; "
+                         "use fewer heads or a higher sparsity")
+    drop_channels = int(round(mlp_saving_needed / (adapter.num_layers * 3 * d)))
+    if drop_channels >= m:
+        raise BriskError(f"sparsity {sparsity} would remove every MLP channel; use a lower sparsity")
+    pruned = copy.deepcopy(model)
+    padapter = ModelAdapter.from_model(pruned)
+    for i, layer in enumerate(padapter.layers):
+        mlp, attn = layer.mlp, layer.self_attn
+        # MLP channels: score_j = ||X_j|| * ||W_down[:, j]||.
+        score = norms[f"{i}.down_proj"] * mlp.down_proj.weight.norm(dim=0)  # (m,)
+        keep = score.topk(m - drop_channels).indices.sort().values
+        mlp.gate_proj = _shrink_linear(mlp.gate_proj, keep, 0)
+        mlp.up_proj = _shrink_linear(mlp.up_proj, keep, 0)
+        mlp.down_proj = _shrink_linear(mlp.down_proj, keep, 1)
+        if heads_per_group:
+            cols = (norms[f"{i}.o_proj"] * attn.o_proj.weight.norm(dim=0)).view(h, hd)  # (h, hd)
+            head_score = cols.pow(2).sum(1).view(hkv, group)  # (hkv, group)
+            kept = head_score.topk(group - heads_per_group, dim=1).indices.sort(dim=1).values
+            heads = (kept + torch.arange(hkv)[:, None] * group).flatten()  # (hkv * kept,) head ids
+            rows = (heads[:, None] * hd + torch.arange(hd)[None]).flatten()
+            attn.q_proj = _shrink_linear(attn.q_proj, rows, 0)
+            attn.o_proj = _shrink_linear(attn.o_proj, rows, 1)
+            attn.num_key_value_groups = group - heads_per_group
+    cfg = pruned.config
+    cfg.intermediate_size = m - drop_channels
+    if heads_per_group:
+        cfg.head_dim = hd
+        cfg.num_attention_heads = hkv * (group - heads_per_group)
+    realised = 1 - decoder_linear_params(pruned) / total
+    report = {"method": "structured", "mlp_channels_removed": drop_channels, "heads_removed_per_group": heads_per_group,
+              "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
+              "realised_sparsity": realised}
+    return pruned.eval(), report
