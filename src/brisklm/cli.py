@@ -13,6 +13,10 @@ from brisklm.errors import BriskError
 COMMAND_MODULES = [
     "brisklm.zoo.cli",
     "brisklm.eval.cli",
+    "brisklm.streaming.cli",
+    "brisklm.analysis.cli",
+    "brisklm.pruning.cli",
+    "brisklm.reasoning.cli",
 ]
 
 

@@ -1,0 +1,169 @@
+"""`brisk bench streaming`: BLEU / AL / LAAL of GPE, re-encoding, offline and interleaved; cost of GPE vs re-encoding.
+
+Models: translate-gpe (GPE engine), translate-offline (batch LLM: offline, and wait-k with full re-encoding),
+translate-interleaved (arrival order, one cache). Costs are measured in the same run on the same streams.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from brisklm.core.timing import time_many
+from brisklm.eval.bench import BenchContext, register
+from brisklm.eval.metrics import LatencyInstance, bleu, corpus_latency
+from brisklm.streaming.engine import reference_logits
+from brisklm.streaming.policies import DecodeResult, gpe_wait_k, interleaved_wait_k, offline, reencode_wait_k
+from brisklm.tasks.translation import TranslationTask
+
+KS = (1, 3, 5)
+METHODS = ("gpe", "reencode", "reencode_strict", "interleaved", "offline")
+
+
+def latency(result: DecodeResult, references: Sequence[str], metric: str) -> float:
+    """Corpus AL or LAAL in words (reference length, SimulEval's default); an empty output counts as delay |X|."""
+    items = [LatencyInstance(o.delays or [o.source_words], o.source_words, len(ref.split()))
+             for o, ref in zip(result.outputs, references)]
+    return corpus_latency(items, metric)
+
+
+def _load(name: str):
+    from brisklm.zoo.store import load
+
+    return load(name)
+
+
+def quality_table(n_examples: int, ks: Sequence[int] = KS, seed: int = 0,
+                  progress: Callable = lambda x, **_: x) -> dict[str, Any]:
+    """BLEU, AL and LAAL of each method at each k on the translation test split."""
+    gpe, off, inter = _load("translate-gpe"), _load("translate-offline"), _load("translate-interleaved")
+    test = TranslationTask().examples("test", n_examples, seed=seed)
+    sources, refs = [e.meta["source_words"] for e in test], [e.completion for e in test]
+    figures: dict[str, Any] = {"bleu": {}, "laal": {}, "al": {}}
+    runs = [("gpe", k, lambda k: gpe_wait_k(gpe.model, gpe.tokenizer, sources, k)) for k in ks]
+    runs += [("reencode", k, lambda k: reencode_wait_k(off.model, off.tokenizer, sources, k)) for k in ks]
+    runs += [("reencode_strict", k, lambda k: reencode_wait_k(off.model, off.tokenizer, sources, k, strict=True))
+             for k in ks]
+    runs += [("interleaved", k, lambda k: interleaved_wait_k(inter.model, inter.tokenizer, sources, k)) for k in ks]
+    runs += [("offline", None, lambda k: offline(off.model, off.tokenizer, sources))]
+    extra_reads: dict[str, float] = {}
+    for method, k, fn in progress(runs, desc="streaming quality"):
+        result = fn(k)
+        key = f"k{k}" if k is not None else "all"
+        if method == "reencode":
+            extra_reads[key] = round(extra_read_fraction(result, k), 3)
+        for name, value in (("bleu", bleu(result.hypotheses, refs)), ("laal", latency(result, refs, "LAAL")),
+                            ("al", latency(result, refs, "AL"))):
+            figures[name].setdefault(method, {})[key] = round(value, 3)
+    figures["n_test_sentences"] = len(test)
+    figures["reencode_extra_read_word_fraction"] = extra_reads
+    figures["feasible_word_fraction"] = {f"k{k}": round(feasible_fraction(test, k), 3) for k in ks}
+    return figures
+
+
+def extra_read_fraction(result: DecodeResult, k: int) -> float:
+    """Share of written words whose delay exceeds the wait-k schedule (read more instead of ending early)."""
+    extra = total = 0
+    for out in result.outputs:
+        for j, d in enumerate(out.delays):
+            extra += d > min(k + j, out.source_words)
+            total += 1
+    return extra / max(total, 1)
+
+
+def feasible_fraction(examples, k: int) -> float:
+    """Share of reference words whose oracle source need is met by wait-k (the rest must be guessed)."""
+    ok = total = 0
+    for e in examples:
+        n = len(e.meta["source_words"])
+        for j, need in enumerate(e.meta["source_needed"]):
+            ok += need <= min(k + j, n)
+            total += 1
+    return ok / total
+
+
+def cost_table(lengths: Sequence[int], n_streams: int, k: int, repeats: int, seed: int = 0,
+               progress: Callable = lambda x, **_: x) -> dict[str, Any]:
+    """Forward tokens and median wall seconds of GPE vs re-encoding on sources of fixed lengths (same streams)."""
+    gpe, off = _load("translate-gpe"), _load("translate-offline")
+    out: dict[str, Any] = {}
+    for n in progress(list(lengths), desc="streaming cost"):
+        test = TranslationTask(min_len=n, max_len=n).examples("test", n_streams, seed=seed)
+        sources = [e.meta["source_words"] for e in test]
+        g = gpe_wait_k(gpe.model, gpe.tokenizer, sources, k, batch_size=n_streams)
+        r = reencode_wait_k(off.model, off.tokenizer, sources, k, batch_size=n_streams)
+        wall_g = time_many(lambda: gpe_wait_k(gpe.model, gpe.tokenizer, sources, k, batch_size=n_streams), repeats)
+        wall_r = time_many(lambda: reencode_wait_k(off.model, off.tokenizer, sources, k, batch_size=n_streams), repeats)
+        out[f"n{n}"] = {
+            "forward_tokens_gpe": g.forward_tokens, "forward_tokens_reencode": r.forward_tokens,
+            "forward_tokens_ratio": round(r.forward_tokens / g.forward_tokens, 2),
+            "target_words_gpe": sum(len(o.words) for o in g.outputs),
+            "target_words_reencode": sum(len(o.words) for o in r.outputs),
+            "wall_gpe_s": round(wall_g["median_s"], 4), "wall_reencode_s": round(wall_r["median_s"], 4),
+            "wall_ratio": round(wall_r["median_s"] / wall_g["median_s"], 2),
+        }
+    return out
+
+
+def engine_exactness(n_streams: int, k: int = 3, seed: int = 0) -> float:
+    """Max |logit difference| between the engine (teacher-forced) and the full masked pass on the GPE model."""
+    gpe = _load("translate-gpe")
+    test = TranslationTask().examples("test", n_streams, seed=seed)
+    sources = [e.meta["source_words"] for e in test]
+    targets = [gpe.tokenizer.convert_tokens_to_ids(e.meta["target_words"]) for e in test]
+    result = gpe_wait_k(gpe.model, gpe.tokenizer, sources, k, forced=targets, keep_logits=True)
+    worst = 0.0
+    for src, tgt, out in zip(sources, targets, result.outputs):
+        ref = reference_logits(gpe.model, gpe.tokenizer, src, tgt, k)
+        worst = max(worst, float((out.logits - ref).abs().max()))
+    return worst
+
+
+def bleu_laal_figure(figures: dict[str, Any], out_dir: Path | None = None):
+    """BLEU against LAAL for each method (points at k = 1, 3, 5; offline is one point)."""
+    from brisklm.eval.report import new_figure
+
+    fig = new_figure(6.0, 4.0)
+    ax = fig.add_subplot(111)
+    for method, marker in zip(METHODS, "osDv*"):
+        bleus, laals = figures["bleu"].get(method, {}), figures["laal"].get(method, {})
+        keys = sorted(bleus)
+        ax.plot([laals[x] for x in keys], [bleus[x] for x in keys], marker=marker, label=method)
+        for x in keys:
+            ax.annotate(x, (laals[x], bleus[x]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("LAAL (source words)")
+    ax.set_ylabel("BLEU")
+    ax.set_title("simultaneous translation: quality vs latency")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fig.savefig(Path(out_dir) / "streaming_bleu_vs_laal.png", dpi=110, bbox_inches="tight")
+    return fig
+
+
+@register("streaming")
+def streaming_benchmark(ctx: BenchContext) -> dict[str, Any]:
+    """All streaming figures: quality per method and k, cost of GPE vs re-encoding, engine exactness."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models, per-token steps: one thread is fastest (and fair to both methods)
+    try:
+        figures = quality_table(100 if ctx.quick else 300, seed=ctx.seed, progress=ctx.progress)
+        lengths = (10, 20, 40) if ctx.quick else (10, 20, 40, 60)
+        cost = cost_table(lengths, 8 if ctx.quick else 16, k=3, repeats=3 if ctx.quick else 5, seed=ctx.seed,
+                          progress=ctx.progress)
+        figures["cost_by_source_length_k3"] = cost
+        for key in ("forward_tokens_gpe", "forward_tokens_reencode", "wall_gpe_s", "wall_reencode_s"):
+            figures[key] = cost["n20"][key]
+        figures["forward_tokens_ratio_n20"] = cost["n20"]["forward_tokens_ratio"]
+        figures["wall_ratio_n20"] = cost["n20"]["wall_ratio"]
+        figures["engine_vs_full_max_abs_diff"] = engine_exactness(10 if ctx.quick else 30, seed=ctx.seed)
+        for other in ("reencode", "reencode_strict"):
+            figures[f"bleu_gap_gpe_minus_{other}"] = {
+                f"k{k}": round(figures["bleu"]["gpe"][f"k{k}"] - figures["bleu"][other][f"k{k}"], 2) for k in KS}
+        bleu_laal_figure(figures, ctx.out_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return figures

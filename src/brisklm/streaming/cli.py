@@ -1,0 +1,112 @@
+"""`brisk stream train` (GPE fine-tuning) and `brisk stream translate` (stdin words in, target words out)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from brisklm.errors import BriskError
+from brisklm.streaming.policies import OFFLINE_K, reads_before, target_limit
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from brisklm.streaming.train import parse_k_range, train_gpe
+    from brisklm.tasks import get_task
+    from brisklm.zoo.store import load
+    from brisklm.zoo.textlm import TrainOptions
+
+    if args.k is not None and args.k_range is not None:
+        raise BriskError("pass either --k K or --k-range A:B, not both")
+    k_range = parse_k_range(args.k_range if args.k_range is not None else (args.k if args.k is not None else 3))
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise BriskError(f"{out} is not empty: pass another --out or --force to overwrite")
+    if args.steps < 1 or args.n_train < 1:
+        raise BriskError("--steps and --n-train must be positive")
+    loaded = load(args.model)
+    torch.set_num_threads(args.threads)
+    task = get_task("translation")
+    examples = task.examples("train", args.n_train, seed=args.seed)
+    options = TrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    print(f"fine-tuning {loaded.path} with the GPE wait-k mask, k in {k_range[0]}..{k_range[1]}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = train_gpe(loaded.model, loaded.tokenizer, examples, k_range, options, tmp, phi=args.phi)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    print(f"saved to {out} (train loss {stats['train_loss']:.3f}, {stats['train_seconds']:.0f} s)")
+    return 0
+
+
+def _stdin_words(stream):
+    for line in stream:
+        yield from line.split()
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    import torch
+
+    from brisklm.streaming.engine import StreamingSession
+    from brisklm.streaming.gpe import check_k
+    from brisklm.zoo.store import load
+
+    k = OFFLINE_K if args.policy == "offline" else check_k(args.k)
+    torch.set_num_threads(1)
+    loaded = load(args.model)
+    session = StreamingSession(loaded.model, loaded.tokenizer, phi=args.phi)
+    source = _stdin_words(sys.stdin) if args.text is None else iter(args.text.split())
+
+    def write_while_allowed(closed: bool) -> None:
+        cap = args.max_words if not closed else min(args.max_words, target_limit(session.words_read(0)))
+        while not session.done[0] and len(session.outputs[0].words) < cap:
+            j = len(session.outputs[0].words) + 1
+            if not closed and session.words_read(0) < reads_before(k, j, 10**9):
+                return
+            word = session.write()[0]
+            if word is None and session.wants_read[0] and not closed:
+                return  # the model wants more source before it may end
+            if word is not None:
+                print(f"{word}\tdelay={session.outputs[0].delays[-1]}", flush=True)
+
+    for word in source:
+        session.read([word])
+        write_while_allowed(closed=False)
+    if session.words_read(0) == 0:
+        raise BriskError("the source stream is empty: type at least one word on stdin (or pass --text)")
+    session.close()
+    write_while_allowed(closed=True)
+    out = session.outputs[0]
+    print(f"# {len(out.words)} words from {out.source_words} source words; forward tokens {session.forward_tokens}",
+          file=sys.stderr)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    stream = subparsers.add_parser("stream", help="simultaneous (streaming) translation with Group Position Encoding")
+    sub = stream.add_subparsers(dest="stream_command", metavar="ACTION", required=True)
+    p = sub.add_parser("train", help="fine-tune a model with the GPE wait-k mask (transformers.Trainer)")
+    p.add_argument("--model", default="translate-offline", help="zoo name or checkpoint folder to start from")
+    p.add_argument("--k", type=int, default=None, help="one wait-k lag (default 3)")
+    p.add_argument("--k-range", default=None, help="A:B, draw k per example (one model for several lags)")
+    p.add_argument("--out", required=True, help="folder for the fine-tuned checkpoint")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n-train", type=int, default=10000)
+    p.add_argument("--phi", type=int, default=0, help="first target position (GPE's pe_cache_length)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("translate", help="read source words from stdin, print each target word with its delay")
+    p.add_argument("--model", default="translate-gpe", help="zoo name or checkpoint folder (GPE-trained)")
+    p.add_argument("--policy", choices=("wait-k", "offline"), default="wait-k")
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--phi", type=int, default=0)
+    p.add_argument("--text", default=None, help="source text instead of stdin")
+    p.add_argument("--max-words", type=int, default=256, help="stop after this many target words")
+    p.set_defaults(func=cmd_translate)

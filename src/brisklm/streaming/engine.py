@@ -1,0 +1,229 @@
+"""Incremental streaming sessions: a source cache and a target cache, so every token is encoded exactly once.
+
+Source tokens attend only to earlier source tokens; target tokens attend to the target so far and to the
+source segments that were read when they were fed. Both facts are fixed at write time, so the cached keys
+never need re-encoding and the logits equal the full masked pass of the same schedule (tests check < 1e-4).
+Several streams run as one batch; streams that read fewer tokens in a step get padding rows (never visible).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from brisklm.core import KVCache, Plan, execute
+from brisklm.core.adapter import ModelAdapter
+from brisklm.core.cache import RowMeta
+from brisklm.errors import BriskError
+from brisklm.streaming.gpe import POSITION_MODES, word_segments
+
+SOURCE, TARGET = 0, 1
+
+
+@dataclass
+class GroupVisibility:
+    """Visibility from row metadata: same-group causal, and target rows see source segments <= their `sees`."""
+
+    def __call__(self, query: RowMeta, key: RowMeta, layer_idx: int) -> torch.Tensor:
+        q_group, k_group = query["group"][:, :, None], key["group"][:, None, :]  # (B, Tq, 1), (B, 1, Tk)
+        causal = key["order"][:, None, :] <= query["order"][:, :, None]
+        cross = (q_group == TARGET) & (k_group == SOURCE) & (key["segment"][:, None, :] <= query["sees"][:, :, None])
+        return ((q_group == k_group) & causal) | cross  # (B, Tq, Tk)
+
+
+@dataclass
+class StreamOutput:
+    """One stream's written words, the source words read before each (delays), and the source length."""
+
+    words: list[str] = field(default_factory=list)
+    delays: list[int] = field(default_factory=list)
+    source_words: int = 0
+    truncated: bool = False
+    logits: torch.Tensor | None = None  # (writes, V) when a decoder is asked to keep them
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+class StreamingSession:
+    """A batch of streams: `read(words)`, `close()`, `write()` one word per open stream, `finish()`.
+
+    positions="group" (GPE: source 0.., target phi+0..) is exact; "contiguous" gives target rows the position
+    right after the source read so far, which is what a batch layout would need without re-encoding (a
+    negative control: it does not equal any full pass once more source arrives).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 1, *, phi: int = 0, positions: str = "group",
+                 max_target_words: int | None = None) -> None:
+        if batch_size < 1:
+            raise BriskError(f"batch_size must be >= 1, got {batch_size}")
+        if positions not in ("group", "contiguous"):
+            raise BriskError(f"the engine supports positions 'group' or 'contiguous' (of {POSITION_MODES}), got {positions!r}")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.phi, self.positions, self.max_target_words = phi, positions, max_target_words
+        layers = ModelAdapter.from_model(model).num_layers
+        self.source_cache, self.target_cache = KVCache(layers), KVCache(layers)
+        self.device = next(model.parameters()).device
+        self.src_tokens = [0] * batch_size  # real source tokens cached per stream
+        self.src_segments = [0] * batch_size  # source segments read after the prompt (end marker included)
+        self.tgt_tokens = [0] * batch_size  # target tokens fed per stream
+        self.pending = [tokenizer.sep_token_id] * batch_size  # next target token to feed (header first)
+        self.closed = [False] * batch_size
+        self.done = [False] * batch_size
+        self.wants_read = [False] * batch_size  # the stream predicted its end before its source ended
+        self.outputs = [StreamOutput() for _ in range(batch_size)]
+        self.forward_tokens = 0
+        self.last_logits: torch.Tensor | None = None  # (B, V) logits of the latest write
+        self._append_source([[[tokenizer.bos_token_id]] for _ in range(batch_size)], first_segment=[0] * batch_size)
+
+    # ------------------------------------------------------------------------------------------ reading
+    def _streams(self, per_stream: Sequence, what: str) -> list:
+        if self.batch_size == 1 and (not per_stream or isinstance(per_stream[0], str)):
+            per_stream = [per_stream]
+        if len(per_stream) != self.batch_size:
+            raise BriskError(f"{what} got {len(per_stream)} streams; this session has batch_size={self.batch_size}")
+        return list(per_stream)
+
+    @torch.no_grad()
+    def _append_source(self, segments: list[list[list[int]]], first_segment: list[int]) -> None:
+        """Encode new source segments of every stream (B lists of token-id lists) into the source cache."""
+        rows = [[(tok, first_segment[b] + i) for i, seg in enumerate(segs) for tok in seg] for b, segs in enumerate(segments)]
+        width = max(len(r) for r in rows)
+        if width == 0:
+            return
+        batch = self.batch_size
+        ids = torch.full((batch, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        valid = torch.zeros(batch, width, dtype=torch.bool)
+        order = torch.zeros(batch, width, dtype=torch.long)
+        segment = torch.full((batch, width), 1 << 30, dtype=torch.long)
+        for b, r in enumerate(rows):
+            for j, (tok, seg) in enumerate(r):
+                ids[b, j], valid[b, j], segment[b, j] = tok, True, seg
+            order[b] = self.src_tokens[b] + torch.arange(width).clamp(max=max(len(r) - 1, 0))  # pads repeat
+            self.src_tokens[b] += len(r)
+        meta = {"group": torch.full_like(ids, SOURCE), "segment": segment, "sees": torch.zeros_like(ids)}
+        plan = Plan(position_ids=order.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
+                    row_meta={k: v.to(self.device) for k, v in meta.items()})
+        execute(self.model, ids.to(self.device), plan=plan, cache=self.source_cache,
+                attention_mask=valid.to(self.device), logits_rows="none")
+        self.forward_tokens += int(valid.sum())
+
+    def read(self, words: Sequence[str] | Sequence[Sequence[str]]) -> None:
+        """Append source words (a list per stream; a flat list when batch_size is 1)."""
+        per_stream = self._streams(words, "read")
+        for b, w in enumerate(per_stream):
+            if w and self.closed[b]:
+                raise BriskError(f"stream {b} is closed: it cannot read more source words")
+        segments = [word_segments(self.tokenizer, list(w)) for w in per_stream]  # unknown words raise here
+        first = [self.src_segments[b] + 1 for b in range(self.batch_size)]
+        self._append_source(segments, first)
+        for b, segs in enumerate(segments):
+            self.src_segments[b] += len(segs)
+
+    def close(self, streams: Sequence[int] | None = None) -> None:
+        """End the source of the given streams (default all): appends the end-of-source marker."""
+        chosen = list(range(self.batch_size)) if streams is None else list(streams)
+        for b in chosen:
+            if not 0 <= b < self.batch_size:
+                raise BriskError(f"no stream {b}: this session has streams 0..{self.batch_size - 1}")
+            if self.closed[b]:
+                raise BriskError(f"stream {b} is already closed: close each stream once")
+            if self.src_segments[b] == 0:
+                raise BriskError(f"stream {b} is empty: read at least one source word before closing it")
+        segments = [[[self.tokenizer.eos_token_id]] if b in chosen else [] for b in range(self.batch_size)]
+        first = [self.src_segments[b] + 1 for b in range(self.batch_size)]
+        self._append_source(segments, first)
+        for b in chosen:
+            self.closed[b] = True
+            self.src_segments[b] += 1
+            self.outputs[b].source_words = self.src_segments[b] - 1
+
+    # ------------------------------------------------------------------------------------------ writing
+    def words_read(self, stream: int) -> int:
+        """Source words read so far by a stream (the end marker is not a word)."""
+        return self.src_segments[stream] - int(self.closed[stream])
+
+    @torch.no_grad()
+    def write(self, forced: Sequence[int | None] | None = None, streams: Sequence[int] | None = None) -> list[str | None]:
+        """Write one target word in each chosen open stream (greedy, or `forced` ids); None where nothing is written."""
+        chosen = [b for b in (range(self.batch_size) if streams is None else streams) if not self.done[b]]
+        for b in chosen:
+            if self.src_segments[b] == 0:
+                raise BriskError(f"stream {b} has read no source word: read before writing (empty stream)")
+        active = torch.zeros(self.batch_size, dtype=torch.bool)
+        active[chosen] = True
+        ids = torch.tensor([[self.pending[b] if active[b] else self.tokenizer.pad_token_id] for b in range(self.batch_size)])
+        order = torch.tensor([[self.tgt_tokens[b]] for b in range(self.batch_size)])
+        if self.positions == "group":
+            position = self.phi + order
+        else:
+            position = order + torch.tensor([[self.src_tokens[b]] for b in range(self.batch_size)])
+        meta = {"group": torch.full_like(ids, TARGET), "segment": torch.zeros_like(ids),
+                "sees": torch.tensor([[self.src_segments[b]] for b in range(self.batch_size)])}
+        plan = Plan(position_ids=position.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
+                    row_meta={k: v.to(self.device) for k, v in meta.items()})
+        out = execute(self.model, ids.to(self.device), plan=plan, cache=self.target_cache, context=[self.source_cache],
+                      attention_mask=active[:, None].to(self.device), logits_rows="last")
+        logits = out.logits[:, -1].float().cpu()  # (B, V)
+        self.last_logits = logits
+        self.forward_tokens += len(chosen)
+        written: list[str | None] = [None] * self.batch_size
+        for b in chosen:
+            self.wants_read[b] = False
+            token = int(forced[b]) if forced is not None and forced[b] is not None else int(logits[b].argmax())
+            output = self.outputs[b]
+            if token == self.tokenizer.eos_token_id:
+                if not self.closed[b]:  # the target cannot end before the source: retract the row, read more
+                    self._retract_last_target(b)
+                    self.wants_read[b] = True
+                    continue
+                self.done[b] = True
+                continue
+            self.tgt_tokens[b] += 1
+            word = self.tokenizer.convert_ids_to_tokens(token)
+            output.words.append(word)
+            output.delays.append(self.words_read(b))
+            self.pending[b] = token
+            written[b] = word
+            if self.max_target_words is not None and len(output.words) >= self.max_target_words:
+                self.done[b], output.truncated = True, True
+        return written
+
+    def _retract_last_target(self, stream: int) -> None:
+        """Mark the stream's newest target key invalid in every layer (a per-stream rollback inside a batch)."""
+        for layer in self.target_cache.layers:
+            valid = layer.meta["valid"].clone()
+            valid[stream, -1] = False
+            layer.meta["valid"] = valid
+
+    def finish(self, max_target_words: int = 256) -> list[StreamOutput]:
+        """Close open sources and write until every stream ends; returns each stream's output."""
+        open_streams = [b for b in range(self.batch_size) if not self.closed[b]]
+        if open_streams:
+            self.close(open_streams)
+        while not all(self.done):
+            self.write()
+            for b in range(self.batch_size):
+                if not self.done[b] and len(self.outputs[b].words) >= max_target_words:
+                    self.done[b], self.outputs[b].truncated = True, True
+        return self.outputs
+
+
+def reference_logits(model, tokenizer, source_words: Sequence[str], target_ids: Sequence[int], k: int,
+                     mode: str = "group", phi: int = 0) -> torch.Tensor:
+    """(m+1, V) logits of the rows that predict target word 1 .. the end marker, from one full masked pass."""
+    from brisklm.core import MatrixVisibility
+    from brisklm.streaming.gpe import build_layout, collate
+
+    words = tokenizer.convert_ids_to_tokens([int(t) for t in target_ids])
+    layout = build_layout(tokenizer, source_words, words)
+    batch = collate([layout], [k], tokenizer.pad_token_id, mode=mode, phi=phi)
+    plan = Plan(position_ids=batch["position_ids"].to(model.device), visibility=MatrixVisibility(batch["visibility"].to(model.device)))
+    with torch.no_grad():
+        logits = execute(model, batch["input_ids"].to(model.device), plan=plan,
+                         attention_mask=batch["attention_mask"].to(model.device)).logits[0]
+    start = len(layout.source_ids)
+    return logits[start:start + len(target_ids) + 1].float().cpu()

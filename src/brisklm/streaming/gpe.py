@@ -1,0 +1,154 @@
+"""Group Position Encoding layouts: per-segment token ids, wait-k visibility with the one-row shift, positions.
+
+A stream is two groups of segments. Source: s_0 = prompt (`<bos>`), s_1..s_n = the words, s_{n+1} = the
+end-of-source marker (`<eos>`). Target: u_0 = header (`<sep>`), u_1..u_m = the words, u_{m+1} = `<eos>`.
+Each word is tokenized on its own and the ids are concatenated, so segment boundaries are exact by
+construction (one word = one token with brisklm's word tokenizer; other tokenizers may give several).
+
+A schedule says how many source segments after the prompt (`sees`, the end marker counts as segment n+1)
+target segment j may attend to when it is *predicted*. Because row r's logits predict token r+1, the last row
+of target segment j takes the visibility of segment j+1 (the one-row shift); the final row keeps its own.
+The end of the target (u_{m+1}) is predicted with the whole source visible: a stream ends only after its source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from brisklm.errors import BriskError
+from brisklm.tasks.tokenizer import encode_words
+
+PositionMode = Literal["group", "contiguous", "arrival"]
+POSITION_MODES: tuple[str, ...] = ("group", "contiguous", "arrival")
+IGNORE = -100
+
+
+def check_k(k: int) -> int:
+    """Validate a wait-k lag (at least one source word is read before the first write)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise BriskError(f"wait-k needs an integer k >= 1, got {k!r}: pass --k 1 or more")
+    return k
+
+
+def wait_k_sees(k: int, num_source_words: int, segment: int) -> int:
+    """Source segments after the prompt visible when target segment `segment` (0 = header) is predicted."""
+    return max(0, min(k + segment - 1, num_source_words + 1))
+
+
+@dataclass
+class StreamLayout:
+    """One stream's token ids by segment: source (prompt, words, end) and target (header, words, end)."""
+
+    source: list[list[int]]
+    target: list[list[int]]
+
+    @property
+    def num_source_words(self) -> int:
+        return len(self.source) - 2
+
+    @property
+    def source_ids(self) -> list[int]:
+        return [t for seg in self.source for t in seg]
+
+    @property
+    def target_ids(self) -> list[int]:
+        return [t for seg in self.target for t in seg]
+
+    @property
+    def input_ids(self) -> list[int]:
+        """Source tokens then target tokens: the training (full masked pass) sequence."""
+        return self.source_ids + self.target_ids
+
+    def source_segment_of_tokens(self) -> list[int]:
+        """Segment index (0 = prompt, n+1 = end marker) of every source token."""
+        return [i for i, seg in enumerate(self.source) for _ in seg]
+
+    def target_row_sees(self, k: int) -> list[int]:
+        """Per target token row, the source segments it sees under wait-k, with the one-row shift."""
+        check_k(k)
+        n, rows = self.num_source_words, []
+        last = len(self.target) - 1
+
+        def sees(j: int) -> int:  # the end of the target is only written once the whole source is read
+            return n + 1 if j == last else wait_k_sees(k, n, j)
+
+        for j, seg in enumerate(self.target):
+            rows += [sees(j)] * (len(seg) - 1) + [sees(min(j + 1, last))]
+        return rows
+
+
+def word_segments(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """Tokenize each word on its own (never the joined string), one id list per word."""
+    return [encode_words(tokenizer, [w]) for w in words]
+
+
+def build_layout(tokenizer, source_words: Sequence[str], target_words: Sequence[str] = ()) -> StreamLayout:
+    """The GPE layout of a source sentence and (for training) its target sentence."""
+    if not source_words:
+        raise BriskError("the source stream is empty: pass at least one source word")
+    source = [[tokenizer.bos_token_id], *word_segments(tokenizer, source_words), [tokenizer.eos_token_id]]
+    target = [[tokenizer.sep_token_id], *word_segments(tokenizer, target_words), [tokenizer.eos_token_id]]
+    return StreamLayout(source, target)
+
+
+def streaming_visibility(layout: StreamLayout, k: int) -> torch.Tensor:
+    """(L, L) bool: source causal and blind to target; target causal within itself and wait-k on the source."""
+    s_len, t_len = len(layout.source_ids), len(layout.target_ids)
+    total = s_len + t_len
+    mask = torch.ones(total, total).tril().bool()  # causal over the layout
+    seg = torch.tensor(layout.source_segment_of_tokens())  # (S,)
+    sees = torch.tensor(layout.target_row_sees(k))  # (T,)
+    mask[s_len:, :s_len] = seg[None, :] <= sees[:, None]  # (T, S) wait-k columns, shifted rows
+    return mask
+
+
+def position_ids(layout: StreamLayout, mode: PositionMode = "group", phi: int = 0, k: int | None = None) -> torch.Tensor:
+    """(L,) positions: group (source 0.., target phi+0..), contiguous (0..L-1), or arrival order (needs k)."""
+    s_len, t_len = len(layout.source_ids), len(layout.target_ids)
+    if mode == "group":
+        return torch.cat([torch.arange(s_len), phi + torch.arange(t_len)])
+    if mode == "contiguous":
+        return torch.arange(s_len + t_len)
+    if mode == "arrival":
+        if k is None:
+            raise BriskError("arrival-order positions need the wait-k schedule: pass k")
+        seg = layout.source_segment_of_tokens()
+        keys = [(s, 0, i) for i, s in enumerate(seg)] + [(s, 1, i) for i, s in enumerate(layout.target_row_sees(k))]
+        order = sorted(range(len(keys)), key=lambda i: keys[i])
+        pos = torch.empty(len(keys), dtype=torch.long)
+        pos[torch.tensor(order)] = torch.arange(len(keys))
+        return pos
+    raise BriskError(f"unknown position mode {mode!r}: choose one of {', '.join(POSITION_MODES)}")
+
+
+def labels_of(layout: StreamLayout) -> list[int]:
+    """Labels aligned with input_ids: target tokens after the header (words and end marker), -100 elsewhere."""
+    s_len, header = len(layout.source_ids), len(layout.target[0])
+    ids = layout.input_ids
+    return [IGNORE] * (s_len + header) + ids[s_len + header:]
+
+
+def collate(layouts: Sequence[StreamLayout], ks: Sequence[int], pad_id: int, mode: PositionMode = "group",
+            phi: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, position_ids, labels (B, L) and visibility (B, L, L)."""
+    if len(layouts) != len(ks):
+        raise BriskError(f"{len(layouts)} layouts but {len(ks)} k values: pass one k per stream")
+    length = max(len(x.input_ids) for x in layouts)
+    batch = len(layouts)
+    ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    pos = torch.zeros(batch, length, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE, dtype=torch.long)
+    vis = torch.zeros(batch, length, length, dtype=torch.bool)
+    for b, (layout, k) in enumerate(zip(layouts, ks)):
+        n = len(layout.input_ids)
+        ids[b, :n] = torch.tensor(layout.input_ids)
+        mask[b, :n] = 1
+        pos[b, :n] = position_ids(layout, mode, phi, k)
+        labels[b, :n] = torch.tensor(labels_of(layout))
+        vis[b, :n, :n] = streaming_visibility(layout, k)
+        vis[b, n:, n:] = torch.eye(length - n, dtype=torch.bool)  # padding rows see only themselves
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels, "visibility": vis}

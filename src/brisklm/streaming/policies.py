@@ -1,0 +1,248 @@
+"""Read/write policies and the decoders that share them: GPE wait-k, re-encoding wait-k, offline, interleaved.
+
+All decoders take word lists, run several streams as one batch, and return `StreamOutput`s (words + delays in
+source words read) together with the number of token rows they pushed through the model (`forward_tokens`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from brisklm.core import KVCache, Plan, execute
+from brisklm.errors import BriskError
+from brisklm.streaming.engine import StreamingSession, StreamOutput
+from brisklm.streaming.gpe import IGNORE, check_k
+from brisklm.tasks.tokenizer import encode_words
+
+OFFLINE_K = 10**6  # a lag longer than any source: read everything, then write
+
+
+def reads_before(k: int, j: int, n: int) -> int:
+    """Wait-k: source segments (words, then the end marker as n+1) read before target word j (1-based)."""
+    return min(k + j - 1, n + 1)
+
+
+@dataclass
+class DecodeResult:
+    """Outputs of one decoder over a list of sources, with its cost in token rows through the model."""
+
+    outputs: list[StreamOutput]
+    forward_tokens: int
+
+    @property
+    def hypotheses(self) -> list[str]:
+        return [o.text for o in self.outputs]
+
+
+def _check_sources(sources: Sequence[Sequence[str]]) -> None:
+    if not sources:
+        raise BriskError("no source streams given: pass at least one source sentence")
+    for i, s in enumerate(sources):
+        if not s:
+            raise BriskError(f"source stream {i} is empty: pass at least one word per stream")
+
+
+def target_limit(n: int) -> int:
+    """A target-length cap that a sane translation of n source words never reaches (stops runaway generation)."""
+    return 2 * n + 8
+
+
+def gpe_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, batch_size: int = 32, phi: int = 0,
+               positions: str = "group", forced: Sequence[Sequence[int]] | None = None,
+               keep_logits: bool = False) -> DecodeResult:
+    """Wait-k with the two-cache engine: every source and target token is encoded once (forced = teacher ids)."""
+    check_k(k)
+    _check_sources(sources)
+    outputs: list[StreamOutput] = []
+    total = 0
+    for start in range(0, len(sources), batch_size):
+        chunk = [list(s) for s in sources[start:start + batch_size]]
+        chunk_forced = None if forced is None else [list(f) for f in forced[start:start + batch_size]]
+        session = StreamingSession(model, tokenizer, len(chunk), phi=phi, positions=positions)
+        logits: list[list[torch.Tensor]] = [[] for _ in chunk]
+        extra = [0] * len(chunk)  # words read beyond wait-k because the model wanted to end early
+        while not all(session.done):
+            reads, close = [], []
+            for b, src in enumerate(chunk):
+                if session.done[b]:
+                    reads.append([])
+                    continue
+                extra[b] += int(session.wants_read[b])
+                j = len(session.outputs[b].words) + 1
+                need = min(reads_before(k, j, len(src)) + extra[b], len(src) + 1)
+                have = session.words_read(b)
+                reads.append(src[have:min(need, len(src))])
+                if need > len(src) and not session.closed[b]:
+                    close.append(b)
+            if any(reads):
+                session.read(reads)
+            if close:
+                session.close(close)
+            step_forced = None
+            if chunk_forced is not None:
+                step_forced = [f[len(o.words)] if len(o.words) < len(f) else tokenizer.eos_token_id
+                               for f, o in zip(chunk_forced, session.outputs)]
+            active = [b for b in range(len(chunk)) if not session.done[b]]
+            session.write(forced=step_forced)
+            if keep_logits:
+                for b in active:
+                    if not session.wants_read[b]:
+                        logits[b].append(session.last_logits[b])
+            for b in range(len(chunk)):
+                if not session.done[b] and len(session.outputs[b].words) >= target_limit(len(chunk[b])):
+                    session.done[b], session.outputs[b].truncated = True, True
+        for b, src in enumerate(chunk):
+            session.outputs[b].source_words = len(src)
+            if keep_logits:
+                session.outputs[b].logits = torch.stack(logits[b])  # (writes, V)
+        outputs += session.outputs
+        total += session.forward_tokens
+    return DecodeResult(outputs, total)
+
+
+def _batch_prefix_ids(tokenizer, source: Sequence[str], target: Sequence[int]) -> list[int]:
+    return [tokenizer.bos_token_id, *encode_words(tokenizer, list(source)), tokenizer.sep_token_id, *target]
+
+
+@torch.no_grad()
+def reencode_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, batch_size: int = 32,
+                    strict: bool = False) -> DecodeResult:
+    """Batch-LLM streaming: before each target word, re-encode `<bos> source-prefix <sep> target-so-far` in full.
+
+    An end predicted before the source is complete means "read one more word" (adaptive); strict=True instead
+    forbids the end there, so the schedule is exactly wait-k.
+    """
+    check_k(k)
+    _check_sources(sources)
+    outputs: list[StreamOutput] = []
+    total = 0
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for start in range(0, len(sources), batch_size):
+        chunk = [list(s) for s in sources[start:start + batch_size]]
+        outs = [StreamOutput(source_words=len(s)) for s in chunk]
+        targets: list[list[int]] = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        extra = [0] * len(chunk)  # words read beyond wait-k because the model wanted to end early
+
+        def prefix(b: int) -> int:
+            return min(k + len(targets[b]) + extra[b], len(chunk[b]))
+
+        while not all(done):
+            active = [b for b in range(len(chunk)) if not done[b]]
+            seqs = [_batch_prefix_ids(tokenizer, chunk[b][:prefix(b)], targets[b]) for b in active]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(seqs):
+                ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (A, W, V)
+            total += sum(len(s) for s in seqs)
+            for i, b in enumerate(active):
+                row = logits[i, len(seqs[i]) - 1].clone()  # (V,)
+                if strict and prefix(b) < len(chunk[b]):
+                    row[eos] = float("-inf")
+                token = int(row.argmax())
+                if token == eos and prefix(b) < len(chunk[b]):  # cannot end before the source: read more
+                    extra[b] += 1
+                    continue
+                if token == eos or len(targets[b]) >= target_limit(len(chunk[b])):
+                    done[b] = True
+                    outs[b].truncated = token != eos
+                    continue
+                outs[b].delays.append(prefix(b))
+                targets[b].append(token)
+                outs[b].words.append(tokenizer.convert_ids_to_tokens(token))
+        outputs += outs
+    return DecodeResult(outputs, total)
+
+
+def offline(model, tokenizer, sources: Sequence[Sequence[str]], *, batch_size: int = 32) -> DecodeResult:
+    """Read the whole source, then write (delays = |X| for every word), with the batch layout."""
+    return reencode_wait_k(model, tokenizer, sources, OFFLINE_K, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- interleaved
+def interleaved_events(n: int, m: int, k: int) -> list[tuple[str, int]]:
+    """Arrival order of wait-k: ('read', i) for source word i (n = end marker) and ('write', j) for target j."""
+    events: list[tuple[str, int]] = []
+    read = 0
+    for j in range(m + 1):  # m words then the end of the target
+        need = reads_before(k, j + 1, n)
+        while read < need:
+            events.append(("read", read))
+            read += 1
+        events.append(("write", j))
+    return events
+
+
+def interleaved_sequence(tokenizer, source: Sequence[str], target: Sequence[str], k: int) -> dict[str, list[int]]:
+    """Training sequence in arrival order: `<bos>`, source words, `<sep>` (end of source), target words, `<eos>`."""
+    check_k(k)
+    src = [*encode_words(tokenizer, list(source)), tokenizer.sep_token_id]
+    tgt = [*encode_words(tokenizer, list(target)), tokenizer.eos_token_id]
+    ids, labels = [tokenizer.bos_token_id], [IGNORE]
+    for kind, i in interleaved_events(len(source), len(target), k):
+        ids.append(src[i] if kind == "read" else tgt[i])
+        labels.append(IGNORE if kind == "read" else tgt[i])
+    return {"input_ids": ids, "labels": labels}
+
+
+@torch.no_grad()
+def interleaved_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, batch_size: int = 32) -> DecodeResult:
+    """Interleaved streaming: one causal sequence in arrival order, contiguous positions, one cache (source sees target)."""
+    check_k(k)
+    _check_sources(sources)
+    from brisklm.core.adapter import ModelAdapter
+
+    layers = ModelAdapter.from_model(model).num_layers
+    outputs: list[StreamOutput] = []
+    total = 0
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(sources), batch_size):
+        chunk = [list(s) for s in sources[start:start + batch_size]]
+        src_ids = [[*encode_words(tokenizer, s), tokenizer.sep_token_id] for s in chunk]
+        outs = [StreamOutput(source_words=len(s)) for s in chunk]
+        cache = KVCache(layers)
+        fed = [0] * len(chunk)  # real tokens in the cache per stream
+        read = [0] * len(chunk)
+        feed: list[list[int]] = [[tokenizer.bos_token_id] for _ in chunk]
+        done = [False] * len(chunk)
+        extra = [0] * len(chunk)  # reads beyond wait-k because the model wanted to end early
+        while not all(done):
+            for b, src in enumerate(chunk):
+                if done[b]:
+                    feed[b] = []
+                    continue
+                need = min(reads_before(k, len(outs[b].words) + 1, len(src)) + extra[b], len(src) + 1)
+                feed[b] += src_ids[b][read[b]:need]
+                read[b] = max(read[b], need)
+            width = max(len(f) for f in feed)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            valid = torch.zeros(len(chunk), width, dtype=torch.bool)
+            order = torch.zeros(len(chunk), width, dtype=torch.long)
+            for b, f in enumerate(feed):
+                ids[b, :len(f)], valid[b, :len(f)] = torch.tensor(f, dtype=torch.long), True
+                order[b] = fed[b] + torch.arange(width).clamp(max=max(len(f) - 1, 0))
+            out = execute(model, ids, plan=Plan(position_ids=order, order=order), cache=cache, attention_mask=valid)
+            total += int(valid.sum())
+            for b, f in enumerate(feed):
+                if done[b]:
+                    continue
+                fed[b] += len(f)
+                token = int(out.logits[b, len(f) - 1].argmax())
+                if token == tokenizer.eos_token_id and read[b] <= len(chunk[b]):  # end marker not read yet
+                    extra[b] += 1
+                    feed[b] = []
+                    continue
+                if token == tokenizer.eos_token_id or len(outs[b].words) >= target_limit(len(chunk[b])):
+                    done[b] = True
+                    outs[b].truncated = token != tokenizer.eos_token_id
+                    continue
+                outs[b].words.append(tokenizer.convert_ids_to_tokens(token))
+                outs[b].delays.append(min(read[b], len(chunk[b])))
+                feed[b] = [token]
+        outputs += outs
+    return DecodeResult(outputs, total)
