@@ -1,0 +1,123 @@
+"""`brisk reason opsft|distill`: On-Policy SFT and decoupled distillation on the CoT arithmetic task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from brisklm.errors import BriskError
+from tqdm.auto import tqdm
+
+from brisklm.reasoning.curriculum import EntropyGatedCurriculum
+from brisklm.reasoning.distill import DistillConfig, distill, parse_kl
+from brisklm.reasoning.evaluate import evaluate_rollouts
+from brisklm.reasoning.opsft import OPSFTConfig, on_policy_sft
+from brisklm.reasoning.zoo import TASK_OPTIONS
+from brisklm.tasks.cot_arithmetic import CotArithmeticTask, is_correct
+from brisklm.zoo.store import load
+
+
+def _task_data(n_train: int, n_eval: int, seed: int):
+    task = CotArithmeticTask(**TASK_OPTIONS)
+    return task.examples("train", n_train, seed=seed), task.examples("test", n_eval, seed=seed)
+
+
+def _report(title: str, metrics: dict) -> None:
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    print(f"{title}: {json.dumps(shown)}", flush=True)
+
+
+def _save(model, tokenizer, out: str | None) -> None:
+    if out:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        print(f"saved to {out}")
+
+
+def cmd_opsft(args: argparse.Namespace) -> int:
+    config = OPSFTConfig(budget=args.budget, samples=args.samples, rounds=args.rounds, prompts_per_round=args.prompts,
+                         temperature=args.temperature, learning_rate=args.lr, keep=args.keep, seed=args.seed)
+    config.check()
+    loaded = load(args.model)
+    train, test = _task_data(2000, args.eval, args.seed)
+    budgets = sorted({max(2, args.budget // 2), args.budget, args.max_new_tokens})
+    evaluate = lambda: evaluate_rollouts(loaded.model, loaded.tokenizer, test, is_correct, 1, args.max_new_tokens,
+                                         1.0, budgets, seed=args.seed)
+    _report("before", evaluate())
+    bar = tqdm(total=config.rounds, desc="on-policy SFT", leave=False, dynamic_ncols=True)
+
+    def on_round(r: int, rec: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(kept=f"{rec['kept']}/{rec['sampled']}", length=f"{rec['mean_length']:.1f}")
+
+    on_policy_sft(loaded.model, loaded.tokenizer, train, is_correct, config, on_round=on_round)
+    bar.close()
+    _report("after", evaluate())
+    _save(loaded.model, loaded.tokenizer, args.out)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    spec = parse_kl(args.kl, args.top_k)
+    config = DistillConfig(prefix=args.prefix, kl=spec, rounds=args.rounds, prompts_per_round=args.prompts,
+                           samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
+                           learning_rate=args.lr, seed=args.seed)
+    config.check()
+    if args.curriculum not in (None, "entropy"):
+        raise BriskError(f"unknown --curriculum {args.curriculum!r}: the only curriculum is 'entropy'")
+    teacher, student = load(args.teacher), load(args.student)
+    if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+        raise BriskError("teacher and student use different tokenizers; distil between models of the same task")
+    train, test = _task_data(2000, args.eval, args.seed)
+    schedule = EntropyGatedCurriculum(stages=(32, 64, args.max_new_tokens)) if args.curriculum else None
+    evaluate = lambda: evaluate_rollouts(student.model, student.tokenizer, test, is_correct, 4, args.max_new_tokens,
+                                         1.0, k=4, seed=args.seed, with_entropy=True)
+    _report("student before", evaluate())
+    bar = tqdm(total=config.rounds, desc=f"distill {config.prefix}-prefix {spec.name}", leave=False, dynamic_ncols=True)
+
+    def on_round(r: int, rec: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(length=f"{rec['mean_length']:.1f}", entropy=f"{rec['student_entropy']:.3f}")
+
+    distill(teacher.model, student.model, student.tokenizer, [e.prompt for e in train], config,
+            length_schedule=schedule, on_round=on_round)
+    bar.close()
+    _report("student after", evaluate())
+    _save(student.model, student.tokenizer, args.out)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    reason = subparsers.add_parser("reason", help="efficient reasoning training: On-Policy SFT, distillation")
+    sub = reason.add_subparsers(dest="reason_command", metavar="ACTION", required=True)
+    p = sub.add_parser("opsft", help="On-Policy SFT: keep correct samples finished within --budget, train NLL")
+    p.add_argument("--model", default="arith-cot", help="zoo name or checkpoint folder (default arith-cot)")
+    p.add_argument("--budget", type=int, default=45, help="token budget L (completions longer are dropped)")
+    p.add_argument("--samples", type=int, default=8, help="samples per prompt n")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--prompts", type=int, default=16, help="prompts per round")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--keep", default="all_correct", help="all_correct (paper) or shortest")
+    p.add_argument("--eval", type=int, default=128, help="test prompts for the before/after metrics")
+    p.add_argument("--max-new-tokens", type=int, default=120, help="evaluation cap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder to save the trained model")
+    p.set_defaults(func=cmd_opsft)
+    p = sub.add_parser("distill", help="token-level KL distillation with a chosen prefix source and KL direction")
+    p.add_argument("--teacher", default="arith-cot")
+    p.add_argument("--student", default="arith-cot-student")
+    p.add_argument("--prefix", default="student", help="teacher | student: who generates the trained-on prefixes")
+    p.add_argument("--kl", default="reverse", help="forward | reverse | mix:BETA (BETA = reverse-KL weight)")
+    p.add_argument("--top-k", type=int, default=None, help="restrict the KL to the teacher's top-k tokens")
+    p.add_argument("--curriculum", default=None, help="entropy: entropy-gated length curriculum")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--eval", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder to save the trained student")
+    p.set_defaults(func=cmd_distill)

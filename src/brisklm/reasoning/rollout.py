@@ -1,0 +1,159 @@
+"""Rollouts with the model's own batched `generate` (KV cache), their length accounting, and Trainer-driven steps.
+
+A rollout is `<bos> prompt <sep> completion [<eos>]`; `finished` means `<eos>` came within the budget.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from brisklm.errors import BriskError
+from brisklm.eval.accuracy import pass_at_k  # noqa: F401  (re-exported for callers of this module)
+from brisklm.zoo.textlm import IGNORE, PadCollator, prompt_ids
+
+
+@dataclass
+class Rollout:
+    """One sampled completion: prompt index, completion token ids (no `<eos>`), whether `<eos>` ended it."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finished: bool
+
+    @property
+    def length(self) -> int:
+        """Completion tokens, counting the `<eos>` when present (what a budget L caps)."""
+        return len(self.completion_ids) + int(self.finished)
+
+
+@dataclass
+class RolloutBatch:
+    """Rollouts of one round, n per prompt, in prompt order."""
+
+    rollouts: list[Rollout]
+    eos_id: int
+
+    def features(self, keep: Sequence[bool] | None = None) -> list[dict[str, list[int]]]:
+        """input_ids/labels (loss on the completion and `<eos>` if finished) of the kept rollouts."""
+        out = []
+        for i, r in enumerate(self.rollouts):
+            if keep is not None and not keep[i]:
+                continue
+            tail = r.completion_ids + ([self.eos_id] if r.finished else [])
+            out.append({"input_ids": r.prompt_ids + tail, "labels": [IGNORE] * len(r.prompt_ids) + tail})
+        return out
+
+    def mean_length(self) -> float:
+        return sum(r.length for r in self.rollouts) / max(len(self.rollouts), 1)
+
+    def truncation_ratio(self) -> float:
+        """Fraction of rollouts that hit the budget without `<eos>`."""
+        return sum(not r.finished for r in self.rollouts) / max(len(self.rollouts), 1)
+
+
+@torch.no_grad()
+def sample_rollouts(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float = 1.0,
+                    seed: int = 0, batch_size: int = 128, do_sample: bool = True) -> RolloutBatch:
+    """n completions per prompt at `temperature` (greedy when do_sample=False), cut at max_new_tokens."""
+    if n < 1 or max_new_tokens < 1:
+        raise BriskError(f"need n >= 1 and a budget >= 1 token, got n={n}, budget={max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise BriskError(f"temperature must be > 0 for sampling, got {temperature}; use do_sample=False for greedy")
+    model.eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    jobs = [(i, prompt_ids(tokenizer, p)) for i, p in enumerate(prompts) for _ in range(n)]
+    torch.manual_seed(seed)
+    out: list[Rollout] = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        width = max(len(ids) for _, ids in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, P) left-padded
+        mask = torch.zeros_like(ids)
+        for row, (_, p) in enumerate(chunk):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        kwargs: dict[str, Any] = dict(do_sample=do_sample)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   eos_token_id=eos, pad_token_id=pad, use_cache=True, **kwargs)[:, width:]
+        for (i, p), row in zip(chunk, generated.tolist()):
+            finished = eos in row
+            row = row[: row.index(eos)] if finished else row
+            text = " ".join(tokenizer.convert_ids_to_tokens(row))
+            out.append(Rollout(i, p, row, text, finished))
+    return RolloutBatch(out, eos)
+
+
+@torch.no_grad()
+def token_entropy(model, batch: RolloutBatch, batch_size: int = 128) -> float:
+    """Mean Shannon entropy (nats) of the model's next-token distribution over the batch's completion tokens."""
+    features = batch.features()
+    if not features:
+        return float("nan")
+    collate = PadCollator(batch.eos_id)
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(features), batch_size):
+        b = collate(features[start:start + batch_size])
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        logp = F.log_softmax(logits, -1)  # (B, T-1, V)
+        ent = -(logp.exp() * logp).sum(-1)  # (B, T-1)
+        m = b["labels"][:, 1:] != IGNORE
+        total += float(ent[m].sum())
+        count += int(m.sum())
+    return total / max(count, 1)
+
+
+class StepDriver:
+    """One persistent transformers.Trainer (and its AdamW) stepped by hand on each round's fresh on-policy data.
+
+    The loss is the Trainer's `compute_loss` (NLL for plain Trainer, KL for DistillTrainer), so distributed
+    back-ends (accelerate, DeepSpeed, FSDP) apply the same way as to `Trainer.train`.
+    """
+
+    def __init__(self, model, tokenizer, learning_rate: float, total_steps: int, seed: int = 0,
+                 trainer_cls: type[Trainer] = Trainer, max_grad_norm: float = 1.0, micro_batch: int = 64,
+                 **trainer_kwargs: Any) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        args = TrainingArguments(output_dir=self._tmp.name, learning_rate=learning_rate, max_steps=total_steps,
+                                 lr_scheduler_type="constant", weight_decay=0.01, save_strategy="no", report_to=[],
+                                 seed=seed, use_cpu=True, max_grad_norm=max_grad_norm, remove_unused_columns=False,
+                                 per_device_train_batch_size=micro_batch)
+        self.trainer = trainer_cls(model=model, args=args, data_collator=PadCollator(tokenizer.pad_token_id),
+                                   **trainer_kwargs)
+        self.trainer.create_optimizer()
+        self.trainer.current_gradient_accumulation_steps = 1
+        self.collate = PadCollator(tokenizer.pad_token_id)
+        self.micro_batch = micro_batch
+        self.model = model
+
+    def step(self, features: list[dict]) -> float:
+        """One optimiser step on all features (micro-batches weighted by their token counts); returns the loss."""
+        if not features:
+            return float("nan")
+        chunks = [features[i:i + self.micro_batch] for i in range(0, len(features), self.micro_batch)]
+        tokens = [sum(sum(t != IGNORE for t in f["labels"]) for f in c) for c in chunks]
+        total = max(sum(tokens), 1)
+        opt = self.trainer.optimizer
+        opt.zero_grad()
+        loss_sum = 0.0
+        for chunk, n in zip(chunks, tokens):
+            self.trainer.current_gradient_accumulation_steps = total / max(n, 1)  # token-mean over the whole step
+            loss_sum += float(self.trainer.training_step(self.model, self.collate(chunk)))  # chunk mean * n / total
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.args.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        self.model.eval()
+        return loss_sum
+
+
+Verifier = Callable[[str, Any], bool]
