@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/brisk demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/brisk bench all --quick
