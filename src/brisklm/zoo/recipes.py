@@ -1,4 +1,7 @@
-"""The default text models of the zoo: offline translation, verbose-CoT arithmetic, mixed-difficulty LM."""
+"""The generic text-model recipe of the zoo, and its offline-translation and mixed-difficulty LM models.
+
+Areas register their own models (e.g. arith-cot in brisklm.reasoning.zoo) with `train_text_recipe`.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def train_text_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[str, 
     else:
         features = [encode(tokenizer, e) for e in train_examples]
     config = tiny_llama_config(len(tokenizer), opts.get("size", "tiny"), pad_token_id=tokenizer.pad_token_id,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               **opts.get("shape", {}))
     model = new_model(config, seed)
     train_options = TrainOptions(seed=seed, **opts.get("train", {}))
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,15 +89,6 @@ register(ZooRecipe(
     train=train_text_recipe,
     quality_metric="bleu",
     options=dict(n_train=20000, n_test=300, evaluator="bleu", max_new_tokens=48,
-                 train=dict(steps=600, batch_size=32, learning_rate=3e-3)),
-))
-register(ZooRecipe(
-    name="arith-cot",
-    description="multi-step arithmetic answered after a verbose, redundant chain of thought",
-    task="cot_arithmetic",
-    train=train_text_recipe,
-    quality_metric="accuracy",
-    options=dict(n_train=20000, n_test=300, evaluator="answers", max_new_tokens=120,
                  train=dict(steps=600, batch_size=32, learning_rate=3e-3)),
 ))
 register(ZooRecipe(
