@@ -251,10 +251,11 @@ def test_cli_rejects_bad_input_with_one_line(argv, message, capsys):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_reasoning_zoo_recipes_replace_arith_cot():
-    from brisklm.reasoning.zoo import train_cot_recipe
+def test_reasoning_zoo_recipes_define_arith_cot():
+    from brisklm.reasoning.zoo import TASK_OPTIONS
     from brisklm.zoo.registry import recipes
 
     known = recipes()
-    assert known["arith-cot"].train is train_cot_recipe and known["arith-cot"].options["train"]["batch_size"] == 64
+    assert known["arith-cot"].options["task_options"] == TASK_OPTIONS
+    assert known["arith-cot"].options["train"]["batch_size"] == 64
     assert known["arith-cot-student"].options["shape"]["num_hidden_layers"] == 2
