@@ -83,13 +83,12 @@ class _DynamicCacheView:
         keys, values = self.cache.update(keys, values, layer_idx)
         batch, total = keys.shape[0], keys.shape[2]
         order = torch.arange(total, device=keys.device).expand(batch, total)
-        new = {k: v for k, v in meta.items()}
         old = {
             "order": order[:, :past],
             "position": order[:, :past],
             "valid": torch.ones(batch, past, dtype=torch.bool, device=keys.device),
         }
-        return keys, values, cat_meta([old, new]) if past else new
+        return keys, values, cat_meta([old, meta]) if past else meta
 
 
 def _next_order(cache, batch: int, device) -> torch.Tensor:
@@ -268,6 +267,15 @@ def _rotate(adapter: ModelAdapter, x: torch.Tensor, cos: torch.Tensor, sin: torc
     return adapter.apply_rotary(x, x, cos, sin)[0]
 
 
+def _select_rows(mask, hidden, meta, cos, sin):
+    """Pack the rows of a (B, T) mask (None = all rows): index, validity, hidden, metadata, cos, sin."""
+    if mask is None:
+        return None, None, hidden, meta, cos, sin
+    index, valid = pack_rows(mask)
+    return (index, valid, gather_rows(hidden, index), gather_meta(meta, index, valid),
+            gather_rows(cos, index), gather_rows(sin, index))
+
+
 def _attention_block(
     adapter, layer, layer_idx, hidden, meta, rope, step: LayerStep | None, visibility,
     cache_view, context, record: bool, flops: FlopsCounter | None,
@@ -279,24 +287,10 @@ def _attention_block(
     if q_mask is not None and not bool(q_mask.any()) and kv_mask is not None and not bool(kv_mask.any()):
         return hidden, None  # nothing enters this layer's attention
 
-    # Queries.
-    if q_mask is None:
-        q_index, q_valid = None, None
-        xq_raw, q_meta, cos_q, sin_q = hidden, meta, cos, sin
-    else:
-        q_index, q_valid = pack_rows(q_mask)
-        xq_raw = gather_rows(hidden, q_index)
-        q_meta = gather_meta(meta, q_index, q_valid)
-        cos_q, sin_q = gather_rows(cos, q_index), gather_rows(sin, q_index)
-    # Keys/values of the new rows.
+    # Queries, and keys/values of the new rows.
+    q_index, q_valid, xq_raw, q_meta, cos_q, sin_q = _select_rows(q_mask, hidden, meta, cos, sin)
+    _, _, xk_raw, k_meta_new, cos_k, sin_k = _select_rows(kv_mask, hidden, meta, cos, sin)
     same_rows = kv_mask is None and q_mask is None
-    if kv_mask is None:
-        xk_raw, k_meta_new, cos_k, sin_k = hidden, meta, cos, sin
-    else:
-        k_index, k_valid = pack_rows(kv_mask)
-        xk_raw = gather_rows(hidden, k_index)
-        k_meta_new = gather_meta(meta, k_index, k_valid)
-        cos_k, sin_k = gather_rows(cos, k_index), gather_rows(sin, k_index)
 
     norm = layer.input_layernorm
     xq = norm(xq_raw)
