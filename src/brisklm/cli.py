@@ -17,6 +17,9 @@ COMMAND_MODULES = [
     "brisklm.analysis.cli",
     "brisklm.pruning.cli",
     "brisklm.reasoning.cli",
+    "brisklm.streaming.thinker_cli",
+    "brisklm.vision.cli",
+    "brisklm.serve.cli",
 ]
 
 
@@ -25,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brisk", description="Efficient LLM methods on Hugging Face models.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).add_commands(subparsers)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            missing = error.name or ""
+            if module_name == missing or module_name.startswith(missing + "."):
+                continue  # an area whose command module does not exist yet
+            raise
+        module.add_commands(subparsers)
     return parser
 
 

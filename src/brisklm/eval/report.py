@@ -18,10 +18,13 @@ from brisklm.eval.progress import progress as _default_progress
 DEMO_MODULES: dict[str, str] = {
     "zoo": "brisklm.zoo.demo",
     "streaming": "brisklm.streaming.demo",
+    "proactive": "brisklm.streaming.proactive_demo",
+    "thinker": "brisklm.streaming.thinker_demo",
     "pruning": "brisklm.pruning.demo",
     "vision": "brisklm.vision.demo",
     "reasoning": "brisklm.reasoning.demo",
     "analysis": "brisklm.analysis.demo",
+    "serve": "brisklm.serve.demo",
 }
 
 

@@ -15,6 +15,8 @@ from brisklm.errors import BriskError
 RECIPE_MODULES = [
     "brisklm.zoo.recipes",
     "brisklm.streaming.zoo",
+    "brisklm.streaming.proactive_zoo",
+    "brisklm.streaming.thinker_zoo",
     "brisklm.pruning.zoo",
     "brisklm.vision.zoo",
     "brisklm.reasoning.zoo",
