@@ -1,0 +1,87 @@
+"""A small asyncio WebSocket client for `brisk serve` (used by the tests and the benchmark)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from websockets.asyncio.client import connect
+
+from brisklm.errors import BriskError
+
+
+@dataclass
+class SessionResult:
+    """What a client saw: every frame, the final frame, and per-word round-trip times (send -> ack) in ms."""
+
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] | None = None
+    word_ms: list[float] = field(default_factory=list)
+
+    @property
+    def words(self) -> list[str]:
+        return [f["word"] for f in self.frames if f["type"] == "word"]
+
+    @property
+    def delays(self) -> list[int]:
+        return [f["delay"] for f in self.frames if f["type"] == "word"]
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == "error"]
+
+
+async def recv_frame(ws, timeout: float = 60.0) -> dict[str, Any]:
+    """The next server frame as a dict (BriskError after `timeout` seconds: bounded waits only)."""
+    try:
+        return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    except asyncio.TimeoutError:
+        raise BriskError(f"no frame from the server within {timeout} s") from None
+
+
+async def run_session(ws, words: Sequence[str], *, per_message: int = 1, start: dict | None = None,
+                      timeout: float = 60.0, closed_loop: bool = True, interval_s: float = 0.0) -> SessionResult:
+    """Stream `words` over an open connection, `per_message` at a time, then 'end'; wait for 'done' or an error.
+
+    closed_loop=True waits for the server's ack after every message (so word_ms is the server's per-message
+    latency); otherwise messages go out every `interval_s` seconds without waiting.
+    """
+    result = SessionResult()
+    if start is not None:
+        await ws.send(json.dumps({"type": "start", **start}))
+
+    async def until(kinds: set[str], received: int | None = None) -> dict[str, Any]:
+        while True:
+            frame = await recv_frame(ws, timeout)
+            result.frames.append(frame)
+            if frame["type"] == "error" and frame.get("fatal"):
+                return frame
+            if frame["type"] in kinds and (received is None or frame.get("received", 0) >= received):
+                return frame
+
+    sent = 0
+    for at in range(0, len(words), per_message):
+        chunk = list(words[at:at + per_message])
+        t0 = time.perf_counter()
+        await ws.send(json.dumps({"type": "words", "words": chunk}))
+        sent += len(chunk)
+        if closed_loop:
+            frame = await until({"ack", "done"}, sent)
+            if frame["type"] == "error":
+                result.final = frame
+                return result
+            result.word_ms.append((time.perf_counter() - t0) * 1000)
+        elif interval_s:
+            await asyncio.sleep(interval_s)
+    await ws.send(json.dumps({"type": "end"}))
+    result.final = await until({"done"})
+    return result
+
+
+async def translate_over_ws(url: str, words: Sequence[str], **kwargs: Any) -> SessionResult:
+    """Open a connection, run one session, close."""
+    async with connect(url, open_timeout=30, close_timeout=5, max_size=2**22) as ws:
+        return await run_session(ws, words, **kwargs)
