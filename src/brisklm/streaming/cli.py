@@ -1,4 +1,4 @@
-"""`brisk stream train` (GPE fine-tuning) and `brisk stream translate` (stdin words in, target words out)."""
+"""`brisk stream train` (GPE or ProactiveLLM fine-tuning) and `brisk stream translate` (stdin in, words out)."""
 
 from __future__ import annotations
 
@@ -21,17 +21,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.k is not None and args.k_range is not None:
         raise BriskError("pass either --k K or --k-range A:B, not both")
-    k_range = parse_k_range(args.k_range if args.k_range is not None else (args.k if args.k is not None else 3))
+    default_k = "1:5" if args.objective == "proactive" else 3  # proactive: random lags 1..5 plus extra reads
+    k_range = parse_k_range(args.k_range if args.k_range is not None else (args.k if args.k is not None else default_k))
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()) and not args.force:
         raise BriskError(f"{out} is not empty: pass another --out or --force to overwrite")
     if args.steps < 1 or args.n_train < 1:
         raise BriskError("--steps and --n-train must be positive")
+    if args.spsd is not None and args.objective != "proactive":
+        raise BriskError("--spsd applies to --objective proactive only: add --objective proactive or drop --spsd")
     loaded = load(args.model)
     torch.set_num_threads(args.threads)
+    options = TrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    if args.objective == "proactive":
+        return _train_proactive(args, loaded, k_range, options, out)
     task = get_task("translation")
     examples = task.examples("train", args.n_train, seed=args.seed)
-    options = TrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
     print(f"fine-tuning {loaded.path} with the GPE wait-k mask, k in {k_range[0]}..{k_range[1]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         stats = train_gpe(loaded.model, loaded.tokenizer, examples, k_range, options, tmp, phi=args.phi)
@@ -39,6 +44,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
     print(f"saved to {out} (train loss {stats['train_loss']:.3f}, {stats['train_seconds']:.0f} s)")
+    return 0
+
+
+def _train_proactive(args: argparse.Namespace, loaded, k_range: tuple[int, int], options, out: Path) -> int:
+    """Random monotone masks (+ SPSD) on variable-lookahead translation, then the self-labelled probe."""
+    from brisklm.streaming.heads import save_probe, sufficiency_data, train_probe
+    from brisklm.streaming.proactive import ScheduleOptions, train_proactive
+    from brisklm.streaming.proactive_zoo import proactive_task
+
+    lam = 0.0 if args.spsd is None else args.spsd
+    if lam < 0:
+        raise BriskError(f"--spsd must be >= 0 (the KL weight lambda), got {lam}")
+    if args.n_probe < 1 or args.probe_steps < 1:
+        raise BriskError("--n-probe and --probe-steps must be positive")
+    examples = proactive_task().examples("train", args.n_train, seed=args.seed)
+    schedule = ScheduleOptions(k_min=k_range[0], k_max=k_range[1])
+    print(f"fine-tuning {loaded.path} with random monotone masks (k in {k_range[0]}..{k_range[1]} plus extra reads)"
+          f"{f' and SPSD lambda={lam}' if lam else ''} on variable-lookahead translation", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = train_proactive(loaded.model, loaded.tokenizer, examples, options, tmp, spsd_lambda=lam,
+                                schedule=schedule, phi=args.phi)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    rows = sufficiency_data(loaded.model, loaded.tokenizer, examples[:args.n_probe], seed=args.seed + 1)
+    save_probe(train_probe(rows, steps=args.probe_steps, seed=args.seed), out)
+    print(f"saved to {out} with its decision probe (train loss {stats['train_loss']:.3f}, "
+          f"{stats['train_seconds']:.0f} s; probe rows {len(rows.label)})")
     return 0
 
 
@@ -54,6 +87,10 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from brisklm.streaming.gpe import check_k
     from brisklm.zoo.store import load
 
+    if args.policy in HEAD_POLICIES:
+        return _translate_with_head(args)
+    if args.threshold is not None:
+        raise BriskError(f"--threshold applies to --policy {'|'.join(HEAD_POLICIES)}, not {args.policy}")
     k = OFFLINE_K if args.policy == "offline" else check_k(args.k)
     torch.set_num_threads(1)
     loaded = load(args.model)
@@ -85,6 +122,33 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+HEAD_POLICIES = ("entropy", "attention", "probe")
+DEFAULT_THRESHOLDS = {"entropy": 0.5, "attention": 0.3, "probe": 0.5}
+
+
+def _translate_with_head(args: argparse.Namespace) -> int:
+    """A decision head (ProactiveLLM) chooses READ or WRITE at every step; prints words with their delays."""
+    import math
+
+    import torch
+
+    from brisklm.streaming.heads import live_decode, make_head
+    from brisklm.zoo.store import load
+
+    threshold = DEFAULT_THRESHOLDS[args.policy] if args.threshold is None else args.threshold
+    if math.isnan(threshold):
+        raise BriskError("--threshold is NaN: pass a number")
+    torch.set_num_threads(1)
+    loaded = load(args.model)
+    head = make_head(args.policy, loaded.path)
+    source = _stdin_words(sys.stdin) if args.text is None else iter(args.text.split())
+    out = live_decode(loaded.model, loaded.tokenizer, source, head, threshold, phi=args.phi, max_words=args.max_words,
+                      on_write=lambda word, delay: print(f"{word}\tdelay={delay}", flush=True))
+    print(f"# {len(out.words)} words from {out.source_words} source words ({args.policy} head, threshold "
+          f"{threshold})", file=sys.stderr)
+    return 0
+
+
 def add_commands(subparsers) -> None:
     stream = subparsers.add_parser("stream", help="simultaneous (streaming) translation with Group Position Encoding")
     sub = stream.add_subparsers(dest="stream_command", metavar="ACTION", required=True)
@@ -101,10 +165,20 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--objective", choices=("gpe", "proactive"), default="gpe",
+                   help="gpe: wait-k masks; proactive: random monotone masks on variable-lookahead data + a probe")
+    p.add_argument("--spsd", type=float, default=None, metavar="LAMBDA",
+                   help="with --objective proactive: weight of the full-context self-distillation KL (default 0)")
+    p.add_argument("--n-probe", type=int, default=600, help="training sentences whose rows label the probe")
+    p.add_argument("--probe-steps", type=int, default=1500, help="optimizer steps of the probe's logistic regression")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("translate", help="read source words from stdin, print each target word with its delay")
     p.add_argument("--model", default="translate-gpe", help="zoo name or checkpoint folder (GPE-trained)")
-    p.add_argument("--policy", choices=("wait-k", "offline"), default="wait-k")
+    p.add_argument("--policy", choices=("wait-k", "offline", *HEAD_POLICIES), default="wait-k",
+                   help="wait-k / offline schedules, or a decision head (entropy, attention, probe)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="head threshold: entropy WRITEs if H <= T (default 0.5), attention if newest-word mass <= T "
+                        "(0.3), probe if P(sufficient) >= T (0.5)")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--phi", type=int, default=0)
     p.add_argument("--text", default=None, help="source text instead of stdin")

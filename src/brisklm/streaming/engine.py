@@ -9,7 +9,7 @@ Several streams run as one batch; streams that read fewer tokens in a step get p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -57,7 +57,7 @@ class StreamingSession:
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 1, *, phi: int = 0, positions: str = "group",
-                 max_target_words: int | None = None) -> None:
+                 max_target_words: int | None = None, record_attention: bool = False) -> None:
         if batch_size < 1:
             raise BriskError(f"batch_size must be >= 1, got {batch_size}")
         if positions not in ("group", "contiguous"):
@@ -77,6 +77,9 @@ class StreamingSession:
         self.outputs = [StreamOutput() for _ in range(batch_size)]
         self.forward_tokens = 0
         self.last_logits: torch.Tensor | None = None  # (B, V) logits of the latest write
+        self.last_hidden: torch.Tensor | None = None  # (B, D) final-layer hidden state of the latest write row
+        self.record_attention = record_attention  # keep each layer's attention of the latest write row
+        self.last_attention: list = []  # per layer: AttentionRecord (probs (B, H, 1, Tk) + key metadata) or None
         self._append_source([[[tokenizer.bos_token_id]] for _ in range(batch_size)], first_segment=[0] * batch_size)
 
     # ------------------------------------------------------------------------------------------ reading
@@ -147,8 +150,15 @@ class StreamingSession:
         return self.src_segments[stream] - int(self.closed[stream])
 
     @torch.no_grad()
-    def write(self, forced: Sequence[int | None] | None = None, streams: Sequence[int] | None = None) -> list[str | None]:
-        """Write one target word in each chosen open stream (greedy, or `forced` ids); None where nothing is written."""
+    def write(self, forced: Sequence[int | None] | None = None, streams: Sequence[int] | None = None, *,
+              gate: Callable[["StreamingSession", torch.Tensor], Sequence[bool]] | None = None,
+              forbid_early_end: bool | Sequence[bool] = False) -> list[str | None]:
+        """Write one target word in each chosen open stream (greedy, or `forced` ids); None where nothing is written.
+
+        gate(session, logits (B, V)) -> per-stream bool, called after the forward (last_hidden/last_attention set):
+        False means READ instead: the row is retracted and `wants_read` is set, as for an early end.
+        forbid_early_end (one bool, or one per stream) masks the end marker in open streams (logits exclude it).
+        """
         chosen = [b for b in (range(self.batch_size) if streams is None else streams) if not self.done[b]]
         for b in chosen:
             if self.src_segments[b] == 0:
@@ -166,13 +176,25 @@ class StreamingSession:
         plan = Plan(position_ids=position.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
                     row_meta={k: v.to(self.device) for k, v in meta.items()})
         out = execute(self.model, ids.to(self.device), plan=plan, cache=self.target_cache, context=[self.source_cache],
-                      attention_mask=active[:, None].to(self.device), logits_rows="last")
+                      attention_mask=active[:, None].to(self.device), logits_rows="last",
+                      record_attention=self.record_attention)
         logits = out.logits[:, -1].float().cpu()  # (B, V)
+        forbid = [forbid_early_end] * self.batch_size if isinstance(forbid_early_end, bool) else list(forbid_early_end)
+        still_open = torch.tensor([f and not c for f, c in zip(forbid, self.closed)], dtype=torch.bool)
+        if bool(still_open.any()):
+            logits[still_open, self.tokenizer.eos_token_id] = float("-inf")
         self.last_logits = logits
+        self.last_hidden = out.last_hidden[:, -1].float().cpu()
+        self.last_attention = list(out.attentions) if self.record_attention else []
+        allow = [True] * self.batch_size if gate is None else list(gate(self, logits))
         self.forward_tokens += len(chosen)
         written: list[str | None] = [None] * self.batch_size
         for b in chosen:
             self.wants_read[b] = False
+            if not allow[b]:  # the gate chose READ: retract the row, it is re-fed after the next read
+                self._retract_last_target(b)
+                self.wants_read[b] = True
+                continue
             token = int(forced[b]) if forced is not None and forced[b] is not None else int(logits[b].argmax())
             output = self.outputs[b]
             if token == self.tokenizer.eos_token_id:
