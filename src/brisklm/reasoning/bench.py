@@ -1,16 +1,23 @@
-"""`brisk bench reasoning`: On-Policy SFT (accuracy and CoT length before/after, accuracy under budgets) and the
-four decoupled distillation objectives plus two KL mixes (accuracy, pass@k, entropy) on verbose-CoT arithmetic."""
+"""`brisk bench reasoning`: On-Policy SFT (accuracy and CoT length before/after, accuracy under budgets), the
+four decoupled distillation objectives plus two KL mixes (accuracy, pass@k, entropy; mean over seeds), the
+entropy-gated length curriculum against a fixed cap, and latent CoT (pause, Coconut, internalization) against
+explicit CoT (accuracy and generated tokens per stage), all on verbose-CoT arithmetic."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Any, Callable
 
 from brisklm.eval.bench import BenchContext, register
 from brisklm.eval.report import new_figure
+from brisklm.reasoning.curriculum import EntropyGatedCurriculum
 from brisklm.reasoning.distill import DistillConfig, distill, parse_kl
 from brisklm.reasoning.evaluate import evaluate_rollouts
+from brisklm.reasoning.latent import (
+    METHODS, LatentConfig, evaluate_explicit, evaluate_latent, train_explicit, train_latent,
+)
 from brisklm.reasoning.opsft import OPSFTConfig, on_policy_sft
 from brisklm.reasoning.zoo import TASK_OPTIONS
 from brisklm.tasks.cot_arithmetic import CotArithmeticTask, is_correct
@@ -65,14 +72,38 @@ def evaluate_completion(model, tok, example) -> str:
     return greedy_complete(model, tok, [example.prompt], 96)[0]
 
 
-def distill_study(quick: bool, seed: int = 0, seeds: int | None = None, progress: Callable | None = None) -> dict[str, Any]:
+def _distill_run(prefix: str, kl: str, s: int, seed: int, rounds: int, test, curriculum: bool = False,
+                 memo: dict | None = None) -> dict[str, Any]:
+    """One distillation run from a fresh arith-cot-student, measured (avg@4, pass@4, entropy); memoised per call."""
+    key = (prefix, kl, s, seed, rounds, len(test), curriculum)
+    if memo is not None and key in memo:
+        return memo[key]
+    teacher = load("arith-cot")
+    student = load("arith-cot-student").model
+    task_prompts = [e.prompt for e in _task().examples("train", 2000, seed=seed)]
+    config = DistillConfig(prefix=prefix, kl=parse_kl(kl), rounds=rounds, prompts_per_round=16, samples_per_prompt=2,
+                           max_new_tokens=96, learning_rate=1e-3, seed=seed + s)
+    schedule = EntropyGatedCurriculum(stages=(32, 64, 96), gate=0.2, tolerance=0.03, patience=2) if curriculum else None
+    start = time.perf_counter()
+    logs = distill(teacher.model, student, teacher.tokenizer, task_prompts, config, length_schedule=schedule)
+    seconds = time.perf_counter() - start
+    result = evaluate_rollouts(student, teacher.tokenizer, test, is_correct, 4, 96, 1.0, k=4, seed=seed + 100 + s,
+                               with_entropy=True)
+    rollouts = config.prompts_per_round * config.samples_per_prompt
+    result.update(train_seconds=seconds, train_rollout_tokens=sum(r["mean_length"] * rollouts for r in logs),
+                  final_cap=logs[-1]["max_new_tokens"], caps=[r["max_new_tokens"] for r in logs])
+    if memo is not None:
+        memo[key] = result
+    return result
+
+
+def distill_study(quick: bool, seed: int = 0, seeds: int | None = None, progress: Callable | None = None,
+                  memo: dict | None = None) -> dict[str, Any]:
     """Each objective from the same warm student: accuracy avg@4, pass@4, token entropy, length (mean over seeds)."""
     teacher = load("arith-cot")
-    task = _task()
-    prompts = [e.prompt for e in task.examples("train", 2000, seed=seed)]
-    test = task.examples("test", 48 if quick else 100, seed=seed)
-    n_seeds = seeds or (1 if quick else 3)
-    rounds = 12 if quick else 40
+    test = _task().examples("test", 48 if quick else 100, seed=seed)
+    n_seeds = seeds or 3
+    rounds = 12 if quick else 20
     measure = lambda m, s: evaluate_rollouts(m, teacher.tokenizer, test, is_correct, 4, 96, 1.0, k=4, seed=s,
                                              with_entropy=True)
     rows: dict[str, Any] = {"teacher": measure(teacher.model, seed), "student_start": measure(load("arith-cot-student").model, seed)}
@@ -80,22 +111,110 @@ def distill_study(quick: bool, seed: int = 0, seeds: int | None = None, progress
     bar = progress(range(len(jobs)), desc="distillation objectives", total=len(jobs)) if progress else None
     per: dict[str, list[dict]] = {}
     for prefix, kl, s in jobs:
-        student = load("arith-cot-student").model
-        config = DistillConfig(prefix=prefix, kl=parse_kl(kl), rounds=rounds, prompts_per_round=16,
-                               samples_per_prompt=2, max_new_tokens=96, learning_rate=1e-3, seed=seed + s)
-        start = time.perf_counter()
-        distill(teacher.model, student, teacher.tokenizer, prompts, config)
-        result = measure(student, seed + 100 + s)
-        result["train_seconds"] = time.perf_counter() - start
-        per.setdefault(f"{prefix}-prefix {kl}", []).append(result)
+        per.setdefault(f"{prefix}-prefix {kl}", []).append(_distill_run(prefix, kl, s, seed, rounds, test, memo=memo))
         if bar:
             next(bar, None)
     for name, results in per.items():
-        rows[name] = {key: statistics.mean(r[key] for r in results)
-                      for key in ("accuracy", "pass@4", "entropy", "mean_length", "truncation_ratio", "train_seconds")}
-        rows[name]["accuracy_std"] = statistics.stdev(r["accuracy"] for r in results) if len(results) > 1 else 0.0
-        rows[name]["seeds"] = len(results)
+        rows[name] = _mean_rows(results, ("accuracy", "pass@4", "entropy", "mean_length", "truncation_ratio",
+                                          "train_seconds", "train_rollout_tokens"))
     return {"rounds_per_objective": rounds, "seeds": n_seeds, "objectives": rows}
+
+
+def _mean_rows(results: list[dict], keys: tuple[str, ...]) -> dict[str, Any]:
+    row = {key: statistics.mean(r[key] for r in results) for key in keys}
+    for key in ("accuracy", "entropy"):
+        row[f"{key}_std"] = statistics.stdev(r[key] for r in results) if len(results) > 1 else 0.0
+    row["per_seed_accuracy"] = [r["accuracy"] for r in results]
+    row["seeds"] = len(results)
+    return row
+
+
+def curriculum_study(quick: bool, seed: int = 0, seeds: int | None = None, progress: Callable | None = None,
+                     memo: dict | None = None) -> dict[str, Any]:
+    """Student-prefix reverse KL (OPD) with a fixed 96-token cap vs the entropy-gated curriculum (32 -> 64 -> 96).
+
+    The fixed-cap arm is the same run as the distillation sweep's OPD row (shared through `memo`).
+    """
+    test = _task().examples("test", 48 if quick else 100, seed=seed)
+    n_seeds = seeds or 3
+    rounds = 12 if quick else 20
+    arms = (("fixed cap 96", False), ("entropy-gated 32/64/96", True))
+    jobs = [(arm, s) for arm in arms for s in range(n_seeds)]
+    bar = progress(range(len(jobs)), desc="curriculum vs fixed cap", total=len(jobs)) if progress else None
+    per: dict[str, list[dict]] = {}
+    for (arm, gated), s in jobs:
+        per.setdefault(arm, []).append(_distill_run("student", "reverse", s, seed, rounds, test, gated, memo))
+        if bar:
+            next(bar, None)
+    rows = {arm: _mean_rows(results, ("accuracy", "pass@4", "entropy", "mean_length", "truncation_ratio",
+                                      "train_seconds", "train_rollout_tokens", "final_cap"))
+            for arm, results in per.items()}
+    for arm, results in per.items():
+        rows[arm]["caps_first_seed"] = results[0]["caps"]
+    gated, fixed = rows[arms[1][0]], rows[arms[0][0]]
+    return {"objective": "student-prefix reverse KL", "rounds": rounds, "seeds": n_seeds, "arms": rows,
+            "gate": 0.2, "patience": 2, "tolerance": 0.03,
+            "ratios_gated_over_fixed": {k: gated[k] / fixed[k] if fixed[k] else float("nan")
+                                        for k in ("mean_length", "train_rollout_tokens", "entropy")},
+            "differences_gated_minus_fixed": {k: gated[k] - fixed[k] for k in ("accuracy", "pass@4")}}
+
+
+# Per-method Trainer settings of the latent study. Coconut's step costs #thoughts + 1 forward passes (4 at the
+# last stage), so 100 Coconut steps cost about as much compute as 250-300 plain steps of pause/internalization.
+LATENT_SETTINGS = {"full": {"stage0": 150, "coconut": (100, 2e-3), "pause": (250, 1e-3), "internalize": (250, 1e-3)},
+                   "quick": {"stage0": 100, "coconut": (60, 2e-3), "pause": (150, 1e-3), "internalize": (150, 1e-3)}}
+
+
+def latent_study(quick: bool, seed: int = 0, progress: Callable | None = None) -> dict[str, Any]:
+    """Explicit verbose CoT (arith-cot), explicit minimal CoT (stage 0) and each latent method after every stage."""
+    settings = LATENT_SETTINGS["quick" if quick else "full"]
+    base = load("arith-cot")
+    task = _task()
+    train, test = task.examples("train", 4000, seed=seed), task.examples("test", 200, seed=seed)
+    rows: dict[str, Any] = {"explicit verbose CoT (arith-cot)": evaluate_explicit(base.model, base.tokenizer, test,
+                                                                                 is_correct)}
+    start = time.perf_counter()
+    train_explicit(base.model, base.tokenizer, train, settings["stage0"], learning_rate=1e-3, seed=seed)
+    rows["explicit minimal CoT (stage 0)"] = evaluate_explicit(base.model, base.tokenizer, test, is_correct)
+    rows["explicit minimal CoT (stage 0)"]["train_seconds"] = time.perf_counter() - start
+    bar = progress(METHODS, desc="latent CoT methods", total=len(METHODS)) if progress else iter(METHODS)
+    for method in bar:
+        model, tok = copy.deepcopy(base.model), copy.deepcopy(base.tokenizer)
+        steps, lr = settings[method]
+        config = LatentConfig(method=method, stages=3, steps_per_stage=steps, learning_rate=lr, seed=seed)
+        start = time.perf_counter()
+
+        def on_stage(stage: int, record: dict, method=method, model=model, tok=tok, config=config) -> None:
+            result = evaluate_latent(model, tok, test, is_correct, config, stage=stage)
+            result.update(train_loss=record["loss"], train_seconds_cumulative=time.perf_counter() - start)
+            rows[f"{method} stage {stage}"] = result
+
+        train_latent(model, tok, train, config, on_stage=on_stage)
+    return {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, "pauses": 6,
+            "thoughts_per_step": 1, "remove_per_stage": 6, "test_prompts": len(test), "rows": rows}
+
+
+def latent_figure(latent: dict[str, Any], opsft: dict[str, Any]):
+    """Greedy accuracy against generated tokens: explicit CoT, On-Policy SFT and each latent method per stage."""
+    fig = new_figure(5.5, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    rows = latent["rows"]
+    for name, marker in (("explicit verbose CoT (arith-cot)", "s"), ("explicit minimal CoT (stage 0)", "D")):
+        ax.scatter(rows[name]["mean_generated_tokens"], rows[name]["accuracy"], marker=marker, color="black",
+                   label=name)
+    g = opsft["greedy"]["after"]
+    ax.scatter(g["mean_length"], g["accuracy"], marker="*", s=80, color="tab:blue", label="On-Policy SFT (greedy)")
+    for method, color in zip(METHODS, ("tab:orange", "tab:green", "tab:red")):
+        points = sorted((int(k.split()[-1]), v) for k, v in rows.items() if k.startswith(method + " stage"))
+        ax.plot([v["mean_generated_tokens"] for _, v in points], [v["accuracy"] for _, v in points], marker="o",
+                color=color, label=f"{method} (stages {points[0][0]}..{points[-1][0]})")
+    ax.axhline(0.2, color="gray", linestyle=":", label="chance (mod 5)")
+    ax.set_xlabel("generated tokens per answer (greedy)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy vs generated tokens")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
 
 
 def accuracy_length_figure(opsft: dict[str, Any]):
@@ -130,6 +249,13 @@ def bench_reasoning(ctx: BenchContext) -> dict[str, Any]:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(ctx.out_dir / "reasoning-accuracy-length.png")
     opsft_seconds = time.perf_counter() - start
-    distillation = distill_study(ctx.quick, ctx.seed, progress=ctx.progress)
+    memo: dict = {}
+    distillation = distill_study(ctx.quick, ctx.seed, progress=ctx.progress, memo=memo)
+    curriculum = curriculum_study(ctx.quick, ctx.seed, progress=ctx.progress, memo=memo)
+    start = time.perf_counter()
+    latent = latent_study(ctx.quick, ctx.seed, progress=ctx.progress)
+    latent["wall_seconds"] = time.perf_counter() - start
+    latent_figure(latent, opsft).savefig(ctx.out_dir / "reasoning-latent.png")
     return {"opsft": opsft, "opsft_wall_seconds": opsft_seconds, "distillation": distillation,
-            "plots": ["reasoning-accuracy-length.png"]}
+            "curriculum_vs_fixed_cap": curriculum, "latent_cot": latent,
+            "plots": ["reasoning-accuracy-length.png", "reasoning-latent.png"]}

@@ -1,4 +1,4 @@
-"""`brisk reason opsft|distill`: On-Policy SFT and decoupled distillation on the CoT arithmetic task."""
+"""`brisk reason opsft|distill|latent`: On-Policy SFT, decoupled distillation and latent CoT on CoT arithmetic."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from brisklm.reasoning.curriculum import EntropyGatedCurriculum
 from brisklm.reasoning.distill import DistillConfig, distill, parse_kl
 from brisklm.reasoning.evaluate import evaluate_rollouts
+from brisklm.reasoning.latent import LatentConfig, evaluate_explicit, evaluate_latent, train_explicit, train_latent
 from brisklm.reasoning.opsft import OPSFTConfig, on_policy_sft
 from brisklm.reasoning.zoo import TASK_OPTIONS
 from brisklm.tasks.cot_arithmetic import CotArithmeticTask, is_correct
@@ -88,8 +89,41 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latent(args: argparse.Namespace) -> int:
+    from brisklm.reasoning.bench import LATENT_SETTINGS
+
+    steps, lr = LATENT_SETTINGS["full"].get(args.method, (100, 2e-3))  # the benchmark's per-method defaults
+    config = LatentConfig(method=args.method, stages=args.stages, steps_per_stage=args.steps_per_stage or steps,
+                          batch_size=args.batch_size, learning_rate=args.lr or lr, pauses=args.pauses,
+                          thoughts=args.thoughts,
+                          remove_per_stage=args.remove_per_stage, smoothing=args.smoothing, seed=args.seed)
+    config.check()
+    if args.stage0_steps < 0 or args.train < 1 or args.eval < 1:
+        raise BriskError("--stage0-steps must be >= 0 and --train, --eval >= 1")
+    loaded = load(args.model)
+    model, tok = loaded.model, loaded.tokenizer
+    train, test = _task_data(args.train, args.eval, args.seed)
+    if args.stage0_steps:
+        _report("explicit CoT before stage 0", evaluate_explicit(model, tok, test, is_correct))
+        train_explicit(model, tok, train, args.stage0_steps, args.batch_size, args.lr or 1e-3, args.seed)
+    _report("explicit minimal CoT (stage 0)", evaluate_explicit(model, tok, test, is_correct))
+    bar = tqdm(total=len(config.stage_list()), desc=f"latent {config.method}", leave=False, dynamic_ncols=True)
+
+    def on_stage(stage: int, record: dict) -> None:
+        bar.update(1)
+        _report(f"{config.method} stage {stage}", {**evaluate_latent(model, tok, test, is_correct, config, stage),
+                                                   "train_loss": record["loss"]})
+
+    train_latent(model, tok, train, config, on_stage=on_stage)
+    bar.close()
+    if args.out:
+        _save(model, tok, args.out)
+        (Path(args.out) / "latent.json").write_text(json.dumps(vars(config), indent=1))
+    return 0
+
+
 def add_commands(subparsers) -> None:
-    reason = subparsers.add_parser("reason", help="efficient reasoning training: On-Policy SFT, distillation")
+    reason = subparsers.add_parser("reason", help="efficient reasoning training: On-Policy SFT, distillation, latent CoT")
     sub = reason.add_subparsers(dest="reason_command", metavar="ACTION", required=True)
     p = sub.add_parser("opsft", help="On-Policy SFT: keep correct samples finished within --budget, train NLL")
     p.add_argument("--model", default="arith-cot", help="zoo name or checkpoint folder (default arith-cot)")
@@ -121,3 +155,22 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder to save the trained student")
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("latent", help="latent CoT: pause tokens, Coconut continuous thoughts, stepwise internalization")
+    p.add_argument("--method", default="coconut", help="pause | coconut | internalize")
+    p.add_argument("--model", default="arith-cot", help="zoo name or checkpoint folder (default arith-cot)")
+    p.add_argument("--stage0-steps", type=int, default=150,
+                   help="explicit minimal-CoT fine-tuning steps before the latent stages (0: the model already is)")
+    p.add_argument("--stages", type=int, default=3, help="curriculum stages (steps replaced / removal stages)")
+    p.add_argument("--steps-per-stage", type=int, default=None,
+                   help="Trainer steps per stage, fresh AdamW each (default: coconut 100, pause/internalize 250)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: coconut 2e-3, others 1e-3)")
+    p.add_argument("--pauses", type=int, default=6, help="pause: <pause> tokens after the prompt (M)")
+    p.add_argument("--thoughts", type=int, default=1, help="coconut: continuous thoughts per replaced step (c)")
+    p.add_argument("--remove-per-stage", type=int, default=6, help="internalize: CoT tokens removed per stage")
+    p.add_argument("--smoothing", type=float, default=None, help="internalize: removal smoothing lambda (off)")
+    p.add_argument("--train", type=int, default=4000, help="training examples")
+    p.add_argument("--eval", type=int, default=200, help="test prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder to save the trained model (and latent.json with its settings)")
+    p.set_defaults(func=cmd_latent)
