@@ -168,7 +168,7 @@ def execute(
         if step is not None and step.keep_after is not None:
             keep = step.keep_after
             hidden, cos, sin = gather_rows(hidden, keep), gather_rows(cos, keep), gather_rows(sin, keep)
-            meta = gather_meta(meta, keep)
+            meta = gather_meta(meta, keep, step.keep_valid)
 
     if record_hidden:
         out.layer_hidden.append(hidden)
@@ -237,6 +237,8 @@ def _check_step(step: LayerStep | None, idx: int, batch: int, rows: int, cache) 
             raise PlanError(f"layer {idx}: keep_after must be long indices (batch, kept); got {tuple(keep.shape)}")
         if keep.numel() and (int(keep.max()) >= rows or int(keep.min()) < 0):
             raise PlanError(f"layer {idx}: keep_after indexes rows outside [0, {rows})")
+        if step.keep_valid is not None and (step.keep_valid.dtype != torch.bool or step.keep_valid.shape != keep.shape):
+            raise PlanError(f"layer {idx}: keep_valid must be a bool tensor shaped like keep_after {tuple(keep.shape)}")
         rows = keep.shape[1]
     if cache is not None and not isinstance(cache, KVCache) and (step.kv_rows is not None or step.keep_after is not None):
         raise PlanError(

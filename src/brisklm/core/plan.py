@@ -55,12 +55,15 @@ class LayerStep:
     mlp_rows:  rows that go through the MLP. None = all.
     kv_rows:   rows whose keys/values are computed and stored at this layer. None = all.
     keep_after: (B, T') long indices of the rows that stay in the stream after this layer. None = all.
+    keep_valid: (B, T') bool, False marks padding entries of keep_after (samples that keep fewer rows than
+        the batch maximum); those rows become invalid (never visible as keys). None = all valid.
     """
 
     attn_rows: torch.Tensor | None = None
     mlp_rows: torch.Tensor | None = None
     kv_rows: torch.Tensor | None = None
     keep_after: torch.Tensor | None = None
+    keep_valid: torch.Tensor | None = None
 
     @property
     def is_noop(self) -> bool:

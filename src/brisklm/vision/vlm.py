@@ -1,0 +1,215 @@
+"""A tiny LLaVA (HF `LlavaForConditionalGeneration`: CLIP-style tower, MLP projector, Llama LM) and its inputs.
+
+Our word-level tokenizer expands one `<image>` into as many image tokens as the vision tower produces. Every
+method reads where the image tokens are (and how many) from `input_ids`, never from constants, so any LLaVA
+checkpoint with a supported text model works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from brisklm.core.executor import execute
+from brisklm.core.plan import Plan
+from brisklm.errors import BriskError
+from brisklm.tasks.tokenizer import build_word_tokenizer, encode_words
+
+IMAGE_TOKEN = "<image>"
+SYSTEM_PROMPT = "look at the picture"  # a short fixed prefix before the image, like LLaVA's system prompt
+SYSTEM_WORDS = tuple(SYSTEM_PROMPT.split())
+CAPTION_WORDS = ("describe", "empty")  # stage-1 style captions: "describe" -> each cell's colour and shape
+
+
+def build_vlm_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer with the task words, the system-prompt words and an `<image>` special token."""
+    return build_word_tokenizer([*words, *SYSTEM_WORDS, *CAPTION_WORDS], extra_special=[IMAGE_TOKEN])
+
+
+def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int,
+                      eos_token_id: int, image_size: int = 32, patch_size: int = 4, vision_hidden: int = 64,
+                      vision_layers: int = 2, text: dict | None = None, vision_init_factor: float = 0.1,
+                      select_strategy: str = "default") -> LlavaConfig:
+    """A LlavaConfig with a small CLIP vision tower and a small Llama text model (sizes overridable).
+
+    vision_init_factor scales the tower's initial weights: from scratch, full-scale CLIP layers add a large
+    token-independent component to the last hidden state (the LLaVA feature layer has no final norm), which
+    drowns the per-patch content; small initial layers keep the patch content visible to the LM.
+    """
+    from transformers import LlamaConfig
+
+    text_kw = dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=352)
+    text_kw.update(text or {})
+    text_config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=512, rms_norm_eps=1e-5,
+                              rope_theta=10000.0, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                              eos_token_id=eos_token_id, tie_word_embeddings=False, **text_kw)
+    vision_config = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                     num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+                                     patch_size=patch_size, num_channels=3, initializer_factor=vision_init_factor)
+    return LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
+                       image_seq_length=(image_size // patch_size) ** 2 + (select_strategy == "full"), vision_feature_layer=-1,
+                       vision_feature_select_strategy=select_strategy, projector_hidden_act="gelu",
+                       tie_word_embeddings=False, pad_token_id=pad_token_id)
+
+
+def image_tokens_per_image(config: LlavaConfig) -> int:
+    """How many image tokens one image becomes, from the vision tower's image and patch size."""
+    vision = config.vision_config
+    patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def image_to_pixels(image: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 (H, W, 3) image -> float (3, S, S) in [0, 1], resized (nearest) to the tower's image size.
+
+    Not mean-centred: a black background then embeds to exactly zero before the position embedding, so
+    empty patches do not share a large common vector that hides the objects from the LM.
+    """
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise BriskError(f"an image must be (height, width, 3) RGB; got shape {array.shape}")
+    array = array[..., :3]
+    if array.shape[0] != image_size or array.shape[1] != image_size:
+        from PIL import Image
+
+        array = np.asarray(Image.fromarray(array.astype(np.uint8)).resize((image_size, image_size), Image.NEAREST))
+    return torch.from_numpy(array.astype(np.float32) / 255.0).permute(2, 0, 1)
+
+
+@dataclass
+class VLMBatch:
+    """Left-padded prompts (image tokens expanded), their mask and positions, and the images' pixels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    pixel_values: torch.Tensor
+
+
+class VLMProcessor:
+    """Turns (image, question) pairs into model inputs: `<bos> system <image>*N question <sep>`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, config: LlavaConfig) -> None:
+        """Read the image token id and image-token count from the model config."""
+        self.tokenizer = tokenizer
+        self.image_token_id = int(config.image_token_id)
+        self.image_size = int(config.vision_config.image_size)
+        self.tokens_per_image = image_tokens_per_image(config)
+        if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != self.image_token_id:
+            raise BriskError(f"the tokenizer's {IMAGE_TOKEN} id differs from the model's image_token_id "
+                             f"{self.image_token_id}; use the tokenizer saved with this model")
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of one prompt with the image placeholder expanded."""
+        head = [self.tokenizer.bos_token_id, *encode_words(self.tokenizer, SYSTEM_WORDS)]
+        return [*head, *([self.image_token_id] * self.tokens_per_image),
+                *encode_words(self.tokenizer, question.split()), self.tokenizer.sep_token_id]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return [*encode_words(self.tokenizer, answer.split()), self.tokenizer.eos_token_id]
+
+    def __call__(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> VLMBatch:
+        """Left-padded batch (the last column is every prompt's last token), positions counting real tokens."""
+        if len(images) != len(questions):
+            raise BriskError(f"got {len(images)} images but {len(questions)} questions; pass one image per question")
+        rows = [self.prompt_ids(q) for q in questions]
+        return self.pad(rows, torch.stack([image_to_pixels(im, self.image_size) for im in images]))
+
+    def pad(self, rows: list[list[int]], pixel_values: torch.Tensor) -> VLMBatch:
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, length - len(r):] = torch.tensor(r)
+            mask[i, length - len(r):] = 1
+        return VLMBatch(ids, mask, positions_from_mask(mask), pixel_values)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of left-padded rows: 0 at each row's first real token (padding gets 0)."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def visual_mask(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(B, T) True where a row holds an image token: the layout every method reads, nothing assumed."""
+    return input_ids == int(image_token_id)
+
+
+def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projector outputs (num_images, tokens, D) of the model's own vision tower and projector."""
+    config = model.config
+    out = model.model.get_image_features(
+        pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy, output_hidden_states=True,
+    )
+    feats = out.pooler_output
+    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+
+def embed_multimodal(model: LlavaForConditionalGeneration, input_ids: torch.Tensor,
+                     pixel_values: torch.Tensor) -> torch.Tensor:
+    """Text embeddings with the image features written into the image-token rows (as LLaVA's forward does)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    mask = visual_mask(input_ids, model.config.image_token_id)
+    feats = image_features(model, pixel_values).to(embeds.dtype)
+    if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
+        raise BriskError(
+            f"the prompts hold {int(mask.sum())} image tokens but the {feats.shape[0]} image(s) give "
+            f"{feats.shape[0] * feats.shape[1]} features ({feats.shape[1]} each); expand <image> with this model's processor"
+        )
+    return embeds.masked_scatter(mask[..., None], feats.reshape(-1, feats.shape[-1]))
+
+
+@torch.no_grad()
+def prefill_logits(model: LlavaForConditionalGeneration, batch: VLMBatch, plan: Plan | None = None,
+                   flops=None) -> torch.Tensor:
+    """Last-position logits (B, V) of the prompts through the core executor (dense when plan is None)."""
+    embeds = embed_multimodal(model, batch.input_ids, batch.pixel_values)
+    plan = plan or Plan()
+    if plan.position_ids is None:
+        plan.position_ids = batch.position_ids
+    out = execute(model, inputs_embeds=embeds, plan=plan, attention_mask=batch.attention_mask,
+                  logits_rows="last", flops=flops)
+    return out.logits[:, -1]
+
+
+@dataclass
+class LoadedVLM:
+    """A LLaVA model in eval mode with its processor and where it came from."""
+
+    model: LlavaForConditionalGeneration
+    processor: VLMProcessor
+    path: Path
+    quality: dict | None
+
+
+def load_vlm(name_or_path: str, seed: int = 0) -> LoadedVLM:
+    """Load a LLaVA checkpoint folder or a vision zoo name (trained on first use)."""
+    from transformers import AutoTokenizer
+
+    from brisklm.zoo.store import read_quality, resolve
+
+    path = resolve(name_or_path, seed)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError) as error:
+        raise BriskError(f"cannot load {path} as a LLaVA model: {str(error).splitlines()[0]}") from None
+    if not (path / "tokenizer.json").exists():
+        raise BriskError(f"{path} has no tokenizer.json; save the tokenizer beside the model with save_pretrained")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.eval()
+    return LoadedVLM(model, VLMProcessor(tokenizer, model.config), path, read_quality(path))
+
+
+def new_tiny_llava(tokenizer: PreTrainedTokenizerFast, seed: int, **config_kw) -> LlavaForConditionalGeneration:
+    """A freshly initialised tiny LLaVA for `tokenizer`, deterministic under seed."""
+    config = tiny_llava_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id,
+                               tokenizer.bos_token_id, tokenizer.eos_token_id, **config_kw)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)
