@@ -10,6 +10,7 @@ from brisklm.tasks.base import Example, Task, sorted_vocab
 VARIABLES = tuple("ABCDEFGH")
 OPERATORS = ("+", "-", "*")
 QUESTION_MARK, FACT_END, UNIT_END, SKIP, ANSWER = "Q:", ".", ";", "skip", "answer"
+FROM = "from"
 
 
 def apply_op(left: int, op: str, right: int, modulus: int) -> int:
@@ -27,8 +28,12 @@ class StreamingArithmeticTask(Task):
     name = "streaming_arithmetic"
 
     def __init__(self, min_steps: int = 2, max_steps: int = 4, min_distractors: int = 1,
-                 max_distractors: int = 3, modulus: int = 100) -> None:
-        """Configure the relevant chain length, the number of distractor facts and the modulus (<= 100)."""
+                 max_distractors: int = 3, modulus: int = 100, name_start: bool = False) -> None:
+        """Configure the relevant chain length, the number of distractor facts and the modulus (<= 100).
+
+        name_start=True asks 'Q: C from A ?' (the chain's first variable is named), so whether a fact is a
+        distractor can be decided the moment it is read, which streaming reasoning needs.
+        """
         if not 1 <= min_steps <= max_steps or not 0 <= min_distractors <= max_distractors:
             raise BriskError("need 1 <= min_steps <= max_steps and 0 <= min_distractors <= max_distractors")
         if max_steps + max_distractors > len(VARIABLES):
@@ -38,11 +43,13 @@ class StreamingArithmeticTask(Task):
         self.min_steps, self.max_steps = min_steps, max_steps
         self.min_distractors, self.max_distractors = min_distractors, max_distractors
         self.modulus = modulus
+        self.name_start = bool(name_start)
 
     def vocabulary(self) -> list[str]:
         """Variables, numbers 0..modulus-1, operators and markers."""
         numbers = [str(i) for i in range(self.modulus)]
-        return sorted_vocab(VARIABLES, numbers, OPERATORS, ("=", "?", QUESTION_MARK, FACT_END, UNIT_END, SKIP, ANSWER))
+        markers = ("=", "?", QUESTION_MARK, FACT_END, UNIT_END, SKIP, ANSWER) + ((FROM,) if self.name_start else ())
+        return sorted_vocab(VARIABLES, numbers, OPERATORS, markers)
 
     def _chain(self, rng: random.Random, names: list[str]) -> list[tuple[str, list[str], int]]:
         """A dependency chain: the first fact is a constant, each later one uses the previous variable."""
@@ -72,7 +79,8 @@ class StreamingArithmeticTask(Task):
         for is_distractor in flags:
             order.append((next(d) if is_distractor else next(r), is_distractor))
         target = relevant[-1][0]
-        question = f"{QUESTION_MARK} {target} ?"
+        start = f" {FROM} {relevant[0][0]}" if self.name_start else ""
+        question = f"{QUESTION_MARK} {target}{start} ?"
         facts = [f"{name} = {' '.join(rhs)} {FACT_END}" for (name, rhs, _), _ in order]
         units = [SKIP if dis else f"{name} = {value}" for (name, _, value), dis in order]
         answer = str(relevant[-1][2])
