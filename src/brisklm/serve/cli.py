@@ -37,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     if args.policy == "wait-k":
         options = {"k": args.k, "phi": args.phi, **options}
+    if args.threshold is not None:
+        options = {"threshold": args.threshold, **options}
     torch.set_num_threads(args.threads)
     limits = Limits(max_sessions=args.max_sessions, max_source_words=args.max_source_words,
                     max_message_bytes=args.max_message_bytes, max_session_seconds=args.max_session_seconds,
@@ -61,6 +63,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--policy", default="wait-k", help=f"session policy ({', '.join(policy_names())})")
     p.add_argument("--k", type=int, default=3, help="wait-k lag (policy wait-k)")
     p.add_argument("--phi", type=int, default=0, help="first target position (policy wait-k)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision-head threshold (policies entropy / attention / probe; default per head)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="other policy options")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")

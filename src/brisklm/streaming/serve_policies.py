@@ -1,0 +1,273 @@
+"""Server policies of the streaming methods: ProactiveLLM decision heads and StreamingThinker, for `brisk serve`.
+
+Imported by serve/policy.py (PLUGIN_MODULES); registers:
+
+* `entropy`, `attention`, `probe`: a decision head chooses READ or WRITE at every step, with the rules of
+  `heads.live_decode` (same words and delays). Options: threshold (default per head, as `brisk stream
+  translate`), min_lag, phi, max_words. The probe is loaded once per model folder from the checkpoint the
+  server serves (e.g. translate-proactive); clients cannot name files.
+* `thinker`: StreamingThinker on a thinker model (streaming-thinker). The source is the question ending with
+  '?' and then facts each ending with '.'; a `reason` frame carries each reasoning unit the moment its segment
+  is complete, and at the end a `reason` frame with the final segment (extra fields final=true, answer) and
+  the answer as the session's one target word (so `done.words == [answer]`). Options: depth (D1/D2/D3,
+  default D2), mode (streaming/batch), max_unit_tokens, max_final_tokens.
+
+Both use the minimal protocol (on_words / on_end), so the scheduler runs them one session at a time (no
+batching across sessions). Latency is measured from the moment the engine thread takes the input.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from brisklm.errors import BriskError
+from brisklm.serve.policy import Item, register_policy
+from brisklm.tasks.tokenizer import encode_words
+
+HEAD_POLICIES = ("entropy", "attention", "probe")
+DEFAULT_THRESHOLDS = {"entropy": 0.5, "attention": 0.3, "probe": 0.5}  # as `brisk stream translate`
+QUESTION_END, FACT_END = "?", "."
+
+_PROBES: dict[str, Any] = {}
+_PROBES_LOCK = threading.Lock()
+
+
+def _number(name: str, value: Any, policy: str) -> float:
+    """A finite number option, or a BriskError naming the option and the policy."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
+        raise BriskError(f"policy {policy} option {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _positive_int(name: str, value: Any, policy: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BriskError(f"policy {policy} option {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _reject_unknown(policy: str, unused: dict[str, Any], known: Sequence[str]) -> None:
+    if unused:
+        raise BriskError(f"policy {policy} takes options {', '.join(known)}, not {', '.join(sorted(unused))}")
+
+
+def model_folder(model) -> Path:
+    """The checkpoint folder a served model was loaded from (where its decision probe lives)."""
+    path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not path or not Path(path).is_dir():
+        raise BriskError("the probe policy needs a model loaded from a checkpoint folder (zoo.store.load); "
+                         "use --policy entropy or attention for this model")
+    return Path(path)
+
+
+def served_head(name: str, model):
+    """The decision head `name`; the probe head's probe is read once per checkpoint folder and shared."""
+    from brisklm.streaming.heads import Head, load_probe
+
+    if name != "probe":
+        return Head(name)
+    folder = str(model_folder(model).resolve())
+    with _PROBES_LOCK:
+        if folder not in _PROBES:
+            _PROBES[folder] = load_probe(folder)
+        return Head("probe", _PROBES[folder])
+
+
+# ------------------------------------------------------------------------------------------------ decision heads
+class HeadPolicy:
+    """One stream decoded by a ProactiveLLM decision head: `live_decode` made resumable on arriving words.
+
+    `live_decode` pulls one word ahead from its iterator to know whether the source goes on; here that look
+    ahead is the buffer of received words, and where the loop would block on it, the policy returns and
+    resumes on the next `on_words` / `on_end`. The order of reads, closes and writes is that of `live_decode`.
+    """
+
+    def __init__(self, model, tokenizer, head, threshold: float, *, min_lag: int = 1, phi: int = 0,
+                 max_words: int = 256) -> None:
+        from brisklm.streaming.engine import StreamingSession
+
+        self.name = head.name
+        self.head, self.threshold, self.min_lag, self.max_words = head, threshold, min_lag, max_words
+        self.tokenizer = tokenizer
+        self.session = StreamingSession(model, tokenizer, 1, phi=phi, record_attention=head.needs_attention)
+        self.buffer: list[str] = []  # received, not yet read by the model
+        self.ended = self.finished = False
+        self.received = 0
+        self.unlocked_at = 0.0
+
+    def check_words(self, words: Sequence[str]) -> None:
+        encode_words(self.tokenizer, list(words))  # raises VocabularyError naming the unknown words
+
+    def _more(self) -> bool | None:
+        """live_decode's `more()`: True/False once known, None while the next word (or the end) has not come."""
+        if self.buffer:
+            return True
+        return False if self.ended else None
+
+    def _read_one(self) -> None:
+        if self.buffer:
+            self.session.read([self.buffer.pop(0)])
+        else:
+            self.session.close()
+
+    def _gate(self, s, logits) -> list[bool]:
+        return [s.closed[0] or self.head.writes(self.head.signal(s, logits), self.threshold)[0]]
+
+    def _drain(self) -> list[Item]:
+        """Run live_decode's loop until it needs input that has not arrived, or the stream is done."""
+        from brisklm.streaming.policies import target_limit
+
+        s, out, items = self.session, self.session.outputs[0], []
+        while not s.done[0]:
+            while not s.closed[0] and s.words_read(0) < len(out.words) + self.min_lag:
+                more = self._more()
+                if more is None:
+                    return items
+                if not more:
+                    break
+                self._read_one()
+            more = self._more()
+            if more is None:
+                return items
+            before = len(out.words)
+            s.write(gate=self._gate, forbid_early_end=[more])
+            if len(out.words) > before:
+                items.append(Item("word", out.words[-1], out.delays[-1], len(out.words), self.unlocked_at))
+            elif s.wants_read[0] and not s.closed[0]:
+                self._read_one()  # `more` is still valid: nothing was taken from the buffer since
+            if not s.done[0] and len(out.words) >= min(self.max_words, target_limit(s.words_read(0))):
+                s.done[0], out.truncated = True, True
+        if not self.finished:
+            self.finished = True
+            out.source_words = s.words_read(0)
+            items.append(Item("end", out.text, out.delays[-1] if out.delays else s.words_read(0), len(out.words),
+                              self.unlocked_at, {"truncated": out.truncated}))
+        return items
+
+    def on_words(self, words: Sequence[str]) -> list[Item]:
+        if self.ended:
+            raise BriskError("the source already ended: send no words after 'end'")
+        self.check_words(words)
+        self.unlocked_at = time.perf_counter()
+        self.buffer += list(words)
+        self.received += len(words)
+        return self._drain()
+
+    def on_end(self) -> list[Item]:
+        if self.ended:
+            raise BriskError("the source already ended: send 'end' once")
+        if self.received == 0:
+            raise BriskError("the source is empty: send at least one word before 'end'")
+        self.ended, self.unlocked_at = True, time.perf_counter()
+        return self._drain()
+
+    def memory_bytes(self) -> int:
+        return self.session.source_cache.nbytes() + self.session.target_cache.nbytes()
+
+
+def _head_factory(name: str):
+    known = ("threshold", "min_lag", "phi", "max_words")
+
+    def factory(model, tokenizer, threshold: Any = None, min_lag: Any = 1, phi: Any = 0, max_words: Any = 256,
+                **unused: Any) -> HeadPolicy:
+        _reject_unknown(name, unused, known)
+        value = DEFAULT_THRESHOLDS[name] if threshold is None else _number("threshold", threshold, name)
+        return HeadPolicy(model, tokenizer, served_head(name, model), value,
+                          min_lag=_positive_int("min_lag", min_lag, name),
+                          phi=_positive_int("phi", phi, name, minimum=0),
+                          max_words=_positive_int("max_words", max_words, name))
+
+    return factory
+
+
+# ------------------------------------------------------------------------------------------------ StreamingThinker
+class ThinkerPolicy:
+    """StreamingThinker over a word stream: '?' closes the question, '.' closes each fact, 'end' asks for the answer."""
+
+    name = "thinker"
+
+    def __init__(self, model, tokenizer, depth: str = "D2", mode: str = "streaming", max_unit_tokens: int = 12,
+                 max_final_tokens: int = 64) -> None:
+        from brisklm.streaming.thinker import ThinkerSession
+
+        self.tokenizer = tokenizer
+        self.thinker = ThinkerSession(model, tokenizer, depth, mode=mode, max_unit_tokens=max_unit_tokens,
+                                      max_final_tokens=max_final_tokens)
+        self.segment: list[str] = []  # words of the question / fact being received
+        self.received = 0
+        self.sent_units = 0
+        self.ended = False
+
+    def check_words(self, words: Sequence[str]) -> None:
+        encode_words(self.tokenizer, list(words))  # raises VocabularyError naming the unknown words
+
+    def _new_units(self, unlocked_at: float) -> list[Item]:
+        """`reason` items for units the session wrote since the last call."""
+        items = []
+        for unit in self.thinker.units[self.sent_units:]:
+            self.sent_units += 1
+            items.append(Item("reason", unit, self.received, self.sent_units, unlocked_at,
+                              {"unit": self.sent_units - 1}))
+        return items
+
+    def on_words(self, words: Sequence[str]) -> list[Item]:
+        if self.ended:
+            raise BriskError("the source already ended: send no words after 'end'")
+        self.check_words(words)
+        now, items = time.perf_counter(), []
+        for word in words:
+            self.received += 1
+            self.segment.append(word)
+            if word == QUESTION_END:
+                if self.thinker.started:
+                    raise BriskError("a second '?': send the question once, then facts that each end with '.'")
+                self.thinker.read_question(self.segment)
+            elif word == FACT_END:
+                if not self.thinker.started:
+                    raise BriskError("a fact came before the question: send the question first, ending with '?' "
+                                     "(e.g. 'Q: C from A ?'), then facts such as 'B = A + 4 .'")
+                self.thinker.read_fact(self.segment)
+            else:
+                continue
+            self.segment = []
+            items += self._new_units(now)
+        return items
+
+    def on_end(self) -> list[Item]:
+        if self.ended:
+            raise BriskError("the source already ended: send 'end' once")
+        if not self.thinker.started:
+            raise BriskError("the source has no question: send the question ending with '?' before 'end'")
+        if self.segment:
+            raise BriskError(f"the last fact {' '.join(self.segment)!r} does not end with '.': finish it before 'end'")
+        self.ended = True
+        now = time.perf_counter()
+        final, answer = self.thinker.finish()
+        items = self._new_units(now)  # batch mode writes its units only now
+        items.append(Item("reason", final, self.received, self.sent_units + 1, now, {"final": True, "answer": answer}))
+        items.append(Item("word", answer, self.received, 1, now))
+        items.append(Item("end", answer, self.received, 1, now, {"truncated": self.thinker.truncated}))
+        return items
+
+    def memory_bytes(self) -> int:
+        return self.thinker.input_cache.nbytes() + self.thinker.reasoning_cache.nbytes()
+
+
+def _thinker_factory(model, tokenizer, depth: Any = "D2", mode: Any = "streaming", max_unit_tokens: Any = 12,
+                     max_final_tokens: Any = 64, **unused: Any) -> ThinkerPolicy:
+    _reject_unknown("thinker", unused, ("depth", "mode", "max_unit_tokens", "max_final_tokens"))
+    if not isinstance(depth, str) or not isinstance(mode, str):
+        raise BriskError("policy thinker options depth and mode must be strings (e.g. depth D2, mode streaming)")
+    return ThinkerPolicy(model, tokenizer, depth, mode, _positive_int("max_unit_tokens", max_unit_tokens, "thinker"),
+                         _positive_int("max_final_tokens", max_final_tokens, "thinker"))
+
+
+for _name, _what in (("entropy", "WRITE when the predictive entropy <= threshold (nats)"),
+                     ("attention", "WRITE when the attention mass on the newest source word <= threshold"),
+                     ("probe", "WRITE when the self-labelled probe's P(sufficient) >= threshold")):
+    register_policy(_name, _head_factory(_name), f"ProactiveLLM decision head: {_what}")
+register_policy("thinker", _thinker_factory,
+                "StreamingThinker: a reasoning unit per fact ('reason' frames), then the final segment and answer")
