@@ -21,6 +21,15 @@ FAMILIES = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (tiny per-token steps: threads only add contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(family: str = "llama", layers: int = 3, kv_heads: int = 2, seed: int = 0):
     """A random fp32 model of the family: d=64, 4 heads (GQA with 2 KV heads by default), vocab 97."""
     torch.manual_seed(seed)

@@ -6,7 +6,6 @@ T=0.9 gives 97.3 at LAAL 2.47. Floors keep wide margins below these numbers.
 """
 
 import pytest
-import torch
 
 from brisklm.streaming.heads import Head, auroc, load_probe, sufficiency_data
 from brisklm.streaming.proactive_bench import evaluate
@@ -26,12 +25,7 @@ def test_set():
     return [e.meta["source_words"] for e in test], [e.completion for e in test], test
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_internal_signals_predict_that_the_partial_view_suffices(spsd, test_set):

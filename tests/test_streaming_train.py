@@ -14,12 +14,7 @@ from brisklm.zoo.architecture import new_model, tiny_llama_config
 from brisklm.zoo.textlm import TrainOptions
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

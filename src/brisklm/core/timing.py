@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
 
 from brisklm.errors import BriskError
 
@@ -39,3 +42,14 @@ def time_many(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[
 def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall-clock seconds of `fn` over `repeats` calls after `warmup` untimed calls."""
     return float(time_many(fn, repeats, warmup)["median_s"])
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block with one torch thread: tiny models step per token, where threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from brisklm.errors import BriskError
-from brisklm.reasoning.rollout import RolloutBatch, StepDriver, sample_rollouts, token_entropy
+from brisklm.reasoning.rollout import StepDriver, sample_rollouts, token_entropy
 
 PREFIXES = ("teacher", "student")
 

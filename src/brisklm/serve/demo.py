@@ -8,8 +8,7 @@ import json
 import time
 import urllib.request
 
-import torch
-
+from brisklm.core.timing import one_torch_thread
 from brisklm.eval.report import DemoContext, Section, table_html
 
 
@@ -21,9 +20,7 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
     from brisklm.tasks import get_task
     from brisklm.zoo.store import load
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         loaded = load("translate-gpe")
         n = 10 if ctx.quick else 30
         sources = [e.meta["source_words"] for e in get_task("translation").examples("test", n, seed=ctx.seed)]
@@ -38,8 +35,6 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
             wall = time.perf_counter() - start
             with urllib.request.urlopen(srv.url + "/health", timeout=30) as response:
                 health = json.loads(response.read())
-    finally:
-        torch.set_num_threads(threads)
     same = sum(r.words == o.words and r.delays == o.delays for r, o in zip(results, offline))
     first = results[0]
     rows = [{"frame": f["type"], "target word": f.get("word", ""), "source words read (delay)": f.get("delay", ""),

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 
+from brisklm.core.timing import one_torch_thread
 from brisklm.core.timing import time_many
 from brisklm.eval.bench import BenchContext, register
 from brisklm.eval.metrics import LatencyInstance, bleu, corpus_latency
@@ -147,9 +147,7 @@ def bleu_laal_figure(figures: dict[str, Any], out_dir: Path | None = None):
 @register("streaming")
 def streaming_benchmark(ctx: BenchContext) -> dict[str, Any]:
     """All streaming figures: quality per method and k, cost of GPE vs re-encoding, engine exactness."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models, per-token steps: one thread is fastest (and fair to both methods)
-    try:
+    with one_torch_thread():
         figures = quality_table(100 if ctx.quick else 300, seed=ctx.seed, progress=ctx.progress)
         lengths = (10, 20, 40) if ctx.quick else (10, 20, 40, 60)
         cost = cost_table(lengths, 8 if ctx.quick else 16, k=3, repeats=3 if ctx.quick else 5, seed=ctx.seed,
@@ -164,6 +162,4 @@ def streaming_benchmark(ctx: BenchContext) -> dict[str, Any]:
             figures[f"bleu_gap_gpe_minus_{other}"] = {
                 f"k{k}": round(figures["bleu"]["gpe"][f"k{k}"] - figures["bleu"][other][f"k{k}"], 2) for k in KS}
         bleu_laal_figure(figures, ctx.out_dir)
-    finally:
-        torch.set_num_threads(threads)
     return figures

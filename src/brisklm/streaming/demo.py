@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import html
 
-import torch
-
+from brisklm.core.timing import one_torch_thread
 from brisklm.eval.report import DemoContext, Section, figure_html, table_html
 
 
@@ -28,15 +27,11 @@ def _transcript(k: int = 3) -> str:
 def demo_sections(ctx: DemoContext) -> list[Section]:
     from brisklm.streaming.bench import bleu_laal_figure, cost_table, quality_table
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         quality = quality_table(60 if ctx.quick else 200, seed=ctx.seed, progress=ctx.progress)
         cost = cost_table((10, 20, 40), 4 if ctx.quick else 8, k=3, repeats=1 if ctx.quick else 3, seed=ctx.seed,
                           progress=ctx.progress)
         transcript = _transcript()
-    finally:
-        torch.set_num_threads(threads)
     rows = []
     for method in ("gpe", "reencode", "reencode_strict", "interleaved", "offline"):
         for key, value in quality["bleu"][method].items():

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from brisklm.core.timing import one_torch_thread
 from brisklm.errors import BriskError
 from brisklm.eval.bench import BenchContext, register
 from brisklm.eval.metrics import bleu
@@ -203,13 +204,9 @@ def curve_figure(figures: dict[str, Any], out_dir: Path | None = None, name: str
 @register("proactive")
 def proactive_benchmark(ctx: BenchContext) -> dict[str, Any]:
     """ProactiveLLM figures on the variable-lookahead task (quick: 100 sentences, SPSD model's heads only)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models, per-token steps: one thread is fastest
-    try:
+    with one_torch_thread():
         figures = proactive_figures(
             n_test=100 if ctx.quick else 200, n_dev=200 if ctx.quick else 400, n_thresholds=10 if ctx.quick else 14,
             curve_models=("spsd",) if ctx.quick else ("spsd", "mask"), seed=ctx.seed, progress=ctx.progress)
         curve_figure(figures, ctx.out_dir)
-    finally:
-        torch.set_num_threads(threads)
     return figures

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import html
 
-import torch
-
+from brisklm.core.timing import one_torch_thread
 from brisklm.eval.report import DemoContext, Section, figure_html, table_html
 
 
@@ -32,15 +31,11 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
     """Curves of the SPSD model's heads against wait-k, the AUROC table, and a probe-head transcript."""
     from brisklm.streaming.proactive_bench import curve_figure, proactive_figures
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         figures = proactive_figures(n_test=30 if ctx.quick else 150, n_dev=80 if ctx.quick else 200,
                                     n_thresholds=6 if ctx.quick else 10, curve_models=("spsd",), seed=ctx.seed,
                                     progress=ctx.progress)
         transcript = _transcript()
-    finally:
-        torch.set_num_threads(threads)
     auroc_rows = [{"model": f"{key} ({figures['models'][key]})", **values} for key, values in figures["auroc"].items()]
     area_rows = [{"curve": c, "area (mean BLEU over LAAL range)": a} for c, a in figures["area"].items()]
     intro = ("<p>ProactiveLLM (our clean-room design): training with random monotone visibility (random k plus "

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from brisklm.core.timing import one_torch_thread
 from brisklm.eval.metrics import bleu
 from brisklm.tasks import get_task
 from brisklm.zoo.architecture import count_parameters
@@ -28,7 +29,6 @@ def proactive_task():
 
 def train_proactive_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[str, Any]:
     """Fine-tune the init model with the recipe's objective, fit the probe if proactive, save, and score."""
-    import torch
 
     from brisklm.streaming.heads import Head, adaptive_decode, auroc, save_probe, sufficiency_data, train_probe
     from brisklm.streaming.policies import gpe_wait_k
@@ -43,10 +43,8 @@ def train_proactive_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[
     model.train()
     train_examples = task.examples("train", opts["n_train"], seed=seed)
     options = TrainOptions(seed=seed, **opts["train"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     quality: dict[str, Any] = {}
-    try:
+    with one_torch_thread():
         with tempfile.TemporaryDirectory() as tmp:
             if opts["objective"] == "wait-k":
                 stats = train_gpe(model, tokenizer, train_examples, tuple(opts["k_range"]), options, tmp)
@@ -69,8 +67,6 @@ def train_proactive_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[
             quality["auroc_probe"] = auroc(held_out.scores(probe)["probe"], held_out.label)
             result = adaptive_decode(model, tokenizer, sources, Head("probe", probe), 0.5)
             quality["bleu_probe_0.5"] = bleu(result.hypotheses, refs)
-    finally:
-        torch.set_num_threads(threads)
     metric = "bleu_k3" if opts["objective"] == "wait-k" else "bleu_probe_0.5"
     return {"bleu": quality[metric], **quality, "parameters": count_parameters(model), "train_steps": options.steps,
             "train_examples": len(train_examples), "test_examples": len(test), **stats}

@@ -32,7 +32,7 @@ from brisklm.errors import BriskError
 from brisklm.streaming.engine import SOURCE, TARGET, GroupVisibility
 from brisklm.streaming.gpe import IGNORE, StreamLayout, collate, word_segments
 from brisklm.tasks.base import Example
-from brisklm.tasks.streaming_arithmetic import ANSWER, FACT_END, SKIP, UNIT_END, StreamingArithmeticTask
+from brisklm.tasks.streaming_arithmetic import ANSWER, SKIP, UNIT_END, StreamingArithmeticTask
 from brisklm.tasks.tokenizer import build_word_tokenizer, encode_words
 
 Depth = Literal["D1", "D2", "D3"]

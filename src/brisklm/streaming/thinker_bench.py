@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from brisklm.core.timing import one_torch_thread
 from brisklm.eval.bench import BenchContext, register
 from brisklm.streaming.thinker import (DEPTHS, MODES, ThinkerResult, reference_logits, streaming_cot, think_depths,
                                       thinker_task)
@@ -217,13 +218,9 @@ def thinker_figures(n_examples: int, seed: int = 0, depths: Sequence[str] = DEPT
 @register("thinker")
 def thinker_benchmark(ctx: BenchContext) -> dict[str, Any]:
     """StreamingThinker vs batch CoT: accuracy, waiting, latency after the last input, skip rate, exactness."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models, per-token steps: one thread is fastest (and the same for both)
-    try:
+    with one_torch_thread():
         figures = thinker_figures(60 if ctx.quick else 200, ctx.seed, progress=ctx.progress, out_dir=ctx.out_dir)
         figures["session_vs_full_pass_max_abs_diff"] = exactness(5 if ctx.quick else 20, ctx.seed)
-    finally:
-        torch.set_num_threads(threads)
     d2 = figures["D2"]
     figures.update({key: d2[key] for key in ("accuracy_streaming", "accuracy_batch", "accuracy_gap_points",
                                              "waiting_reduction", "tokens_after_last_input_reduction",

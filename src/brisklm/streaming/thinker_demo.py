@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import html
 
-import torch
-
+from brisklm.core.timing import one_torch_thread
 from brisklm.eval.report import DemoContext, Section, figure_html, table_html
 
 
@@ -44,14 +43,10 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
     """Accuracy, waiting and latency of StreamingThinker vs batch CoT, a time-to-answer plot and a transcript."""
     from brisklm.streaming.thinker_bench import thinker_figures, time_figure
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         depths = ("D1", "D2", "D3")
         figures = thinker_figures(15 if ctx.quick else 100, ctx.seed, depths, progress=ctx.progress)
         transcript = _transcript(ctx.seed)
-    finally:
-        torch.set_num_threads(threads)
     rows = [{"depth": d, "acc streaming": figures[d]["accuracy_streaming"], "acc batch": figures[d]["accuracy_batch"],
              "input tokens waited (stream / batch)":
                  f"{figures[d]['tokens_waited_streaming']:.1f} / {figures[d]['tokens_waited_batch']:.1f}",

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from brisklm.core.timing import one_torch_thread
 from brisklm.zoo.architecture import count_parameters, new_model, tiny_llama_config
 from brisklm.zoo.registry import ZooRecipe, register
 from brisklm.zoo.textlm import TrainOptions
@@ -34,7 +35,6 @@ def thinker_accuracy(model, tokenizer, examples: Sequence, depths: Sequence[str]
 
 def train_thinker_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[str, Any]:
     """Train a thinker model (streaming mask + group positions, or batch CoT), save it, score it on the test split."""
-    import torch
 
     from brisklm.streaming.thinker import DEPTHS, thinker_task, thinker_tokenizer, train_thinker
 
@@ -46,17 +46,13 @@ def train_thinker_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[st
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = new_model(config, seed)
     options = TrainOptions(seed=seed, **opts["train"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and kind to neighbours
-    try:
+    with one_torch_thread():
         with tempfile.TemporaryDirectory() as tmp:
             stats = train_thinker(model, tokenizer, examples, options, tmp, mode=opts["mode"])
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         test = task.examples("test", opts["n_test"], seed=seed)
         quality = thinker_accuracy(model, tokenizer, test, DEPTHS, opts["mode"])
-    finally:
-        torch.set_num_threads(threads)
     return {"accuracy": quality["accuracy_D2"], **quality, "mode": opts["mode"], "parameters": count_parameters(model),
             "train_steps": options.steps, "train_examples": len(examples), "test_examples": len(test), **stats}
 

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from brisklm.core.timing import one_torch_thread
 from brisklm.eval.metrics import bleu
 from brisklm.tasks import get_task
 from brisklm.zoo.architecture import count_parameters, new_model, tiny_llama_config
@@ -16,7 +17,6 @@ from brisklm.zoo.textlm import TrainOptions
 
 def train_streaming_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[str, Any]:
     """Train a streaming translation model (GPE or interleaved), save it, and score wait-k BLEU on the test split."""
-    import torch
 
     from brisklm.streaming.policies import gpe_wait_k, interleaved_wait_k
     from brisklm.streaming.train import train_gpe, train_interleaved
@@ -36,9 +36,7 @@ def train_streaming_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[
         model = new_model(config, seed)
     options = TrainOptions(seed=seed, **opts["train"])
     k_range = tuple(opts["k_range"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and kind to neighbours
-    try:
+    with one_torch_thread():
         with tempfile.TemporaryDirectory() as tmp:
             if opts["layout"] == "gpe":
                 stats = train_gpe(model, tokenizer, train_examples, k_range, options, tmp)
@@ -50,8 +48,6 @@ def train_streaming_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[
         sources, refs = [e.meta["source_words"] for e in test], [e.completion for e in test]
         decode = gpe_wait_k if opts["layout"] == "gpe" else interleaved_wait_k
         quality = {f"bleu_k{k}": bleu(decode(model, tokenizer, sources, k).hypotheses, refs) for k in opts["eval_k"]}
-    finally:
-        torch.set_num_threads(threads)
     return {"bleu": quality[f"bleu_k{opts['eval_k'][0]}"], **quality, "k_range": list(k_range),
             "parameters": count_parameters(model), "train_steps": options.steps,
             "train_examples": len(train_examples), "test_examples": len(test), **stats}
