@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+import numpy as np
+
 from brisklm.tasks import get_task
+from brisklm.tasks.base import Example
 from brisklm.vision.prune import PruneSpec
 from brisklm.vision.study import evaluate_method
 from brisklm.vision.vica import vica_layers_of, visual_compute_fraction
+from brisklm.vision.visipruner import VisiPrunerConfig
 from brisklm.vision.vlm import load_vlm
 from brisklm.vision.zoo import TASK_OPTIONS, chance_accuracy, vica_accuracy
 
@@ -22,19 +26,25 @@ def setting():
 
 
 def test_dense_llava_uses_the_image(setting) -> None:
-    """Measured (seed 0, 256 questions): dense 0.555 vs image-blind prior 0.523; the model reads the image for
-    the attribute family (0.288 vs 0.106 when every visual token is removed after layer 0)."""
+    """Measured (seed 0, 256 questions): dense 0.672 vs image-blind prior 0.523 and 0.500 with a blank (black)
+    image; colour 0.682 vs 0.136 blank, spatial 0.697 vs 0.591 blank (counting stays at its prior 0.702)."""
     loaded, examples, dense, chance = setting
-    assert dense["accuracy"] > chance, (dense["accuracy"], chance)
-    blind = evaluate_method(loaded, examples, PruneSpec("fastv", keep=0, layer=1))
-    assert blind["accuracy"] < dense["accuracy"], (blind["accuracy"], dense["accuracy"])
-    assert dense["accuracy_attribute"] >= blind["accuracy_attribute"] + 0.10, (dense, blind)
+    assert dense["accuracy"] >= chance + 0.08, (dense["accuracy"], chance)
+    blank = [Example(e.prompt, e.completion, e.answer, {**e.meta, "image": np.zeros_like(e.meta["image"])})
+             for e in examples]
+    blind = evaluate_method(loaded, blank, PruneSpec("dense"))
+    assert blind["accuracy"] <= dense["accuracy"] - 0.08, (blind["accuracy"], dense["accuracy"])
+    assert dense["accuracy_attribute"] >= blind["accuracy_attribute"] + 0.35, (dense, blind)
+    assert dense["accuracy_spatial"] >= blind["accuracy_spatial"] + 0.04, (dense, blind)
 
 
 def test_pruning_quality(setting) -> None:
+    """The model fuses the image into the text at layer 0, so VisiPruner runs with its shallow stage off
+    (the paper-like default masks text->vision at layer 0 and drops to 0.375 on this model)."""
     loaded, examples, dense, _ = setting
-    visi = evaluate_method(loaded, examples, PruneSpec("visipruner"))
-    assert visi["flops_ratio"] < 0.9 and visi["fired_fraction"] > 0.3, visi
+    config = VisiPrunerConfig(shallow_layers=0, layer_threshold=0.95, token_threshold=0.1)
+    visi = evaluate_method(loaded, examples, PruneSpec("visipruner", visipruner=config))
+    assert visi["flops_ratio"] < 0.8 and visi["fired_fraction"] > 0.3, visi
     fastv = evaluate_method(loaded, examples, PruneSpec("fastv", keep=8))
     assert fastv["accuracy"] >= 0.95 * dense["accuracy"] and fastv["flops_ratio"] < 0.85, fastv
     assert visi["accuracy"] >= VISI_KEEP * dense["accuracy"], (visi, dense["accuracy"])
@@ -51,5 +61,5 @@ def test_vica_quality() -> None:
     assert acc >= VICA_KEEP * dense, (acc, dense)
 
 
-VISI_KEEP = 0.9  # measured 0.95 (default thresholds)
-VICA_KEEP = 0.95  # measured 1.10 (ViCA had 200 extra fine-tuning steps)
+VISI_KEEP = 0.95  # measured 1.006 (flops ratio 0.60)
+VICA_KEEP = 0.95  # measured 1.00 (0.672 vs 0.672; ViCA had 200 extra fine-tuning steps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from brisklm.core.adapter import ModelAdapter
@@ -16,6 +17,7 @@ from brisklm.core.cache import KVCache
 from brisklm.core.timing import median_seconds
 from brisklm.eval.bench import BenchContext, register
 from brisklm.tasks import get_task
+from brisklm.tasks.base import Example
 from brisklm.vision.prune import PruneSpec, decode_steps, prune_prefill
 from brisklm.vision.study import evaluate_method, layer_profile
 from brisklm.vision.vica import vica_decode, vica_forward, vica_layers_of, visual_compute_fraction
@@ -41,7 +43,7 @@ def _sweep(n_visual: int, quick: bool) -> list[PruneSpec]:
     # matters by leave-one-layer-out): no shallow masking, fusion when some token moves o by > 5% cosine
     specs += [PruneSpec("visipruner", visipruner=VisiPrunerConfig(shallow_layers=0, layer_threshold=0.95,
                                                                   token_threshold=t)) for t in thresholds]
-    specs.append(PruneSpec("fastv", keep=0, layer=1))  # image-blind reference: every visual token gone
+    specs.append(PruneSpec("fastv", keep=0, layer=1))  # every visual token gone after layer 0 (text read them once)
     return specs
 
 
@@ -155,6 +157,12 @@ def _plots(ctx: BenchContext, rows: list[dict], profile: dict, dense_acc: float,
     return paths
 
 
+def blank_image(example: Example) -> Example:
+    """The same question on an all-black image: what the model answers without seeing the scene."""
+    return Example(example.prompt, example.completion, example.answer,
+                   {**example.meta, "image": np.zeros_like(example.meta["image"])})
+
+
 @register("vision")
 def bench(ctx: BenchContext) -> dict:
     """Pruning sweep, FLOPs, CPU timings, layer profile and ViCA on the zoo's ShapesVQA LLaVA models."""
@@ -166,6 +174,7 @@ def bench(ctx: BenchContext) -> dict:
     examples = task.examples("test", n_test, seed=ctx.seed)
     train = task.examples("train", 2000, seed=ctx.seed)
     dense = evaluate_method(loaded, examples, PruneSpec("dense"))
+    blank = evaluate_method(loaded, [blank_image(e) for e in examples], PruneSpec("dense"))  # image-blind reference
     n_visual = loaded.processor.tokens_per_image
     rows = []
     for spec in ctx.progress(_sweep(n_visual, ctx.quick), desc="pruning sweep"):
@@ -201,6 +210,8 @@ def bench(ctx: BenchContext) -> dict:
         "dense_accuracy": dense["accuracy"],
         "dense_accuracy_by_family": {k[9:]: v for k, v in dense.items() if k.startswith("accuracy_")},
         "chance_accuracy": chance_accuracy(train, examples),
+        "blank_image_accuracy": blank["accuracy"],
+        "blank_image_accuracy_by_family": {k[9:]: v for k, v in blank.items() if k.startswith("accuracy_")},
         "flops_convention": FLOPS_CONVENTION,
         "sweep": rows,
         "layer_profile": profile,

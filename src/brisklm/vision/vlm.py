@@ -34,12 +34,13 @@ def build_vlm_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
 def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int,
                       eos_token_id: int, image_size: int = 32, patch_size: int = 4, vision_hidden: int = 64,
                       vision_layers: int = 2, text: dict | None = None, vision_init_factor: float = 0.1,
-                      select_strategy: str = "default") -> LlavaConfig:
+                      select_strategy: str = "default", feature_layer: int = -1) -> LlavaConfig:
     """A LlavaConfig with a small CLIP vision tower and a small Llama text model (sizes overridable).
 
     vision_init_factor scales the tower's initial weights: from scratch, full-scale CLIP layers add a large
     token-independent component to the last hidden state (the LLaVA feature layer has no final norm), which
     drowns the per-patch content; small initial layers keep the patch content visible to the LM.
+    feature_layer is LLaVA's vision_feature_layer (-1: the tower's last hidden state, before its final norm).
     """
     from transformers import LlamaConfig
 
@@ -53,7 +54,7 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, b
                                      num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
                                      patch_size=patch_size, num_channels=3, initializer_factor=vision_init_factor)
     return LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
-                       image_seq_length=(image_size // patch_size) ** 2 + (select_strategy == "full"), vision_feature_layer=-1,
+                       image_seq_length=(image_size // patch_size) ** 2 + (select_strategy == "full"), vision_feature_layer=feature_layer,
                        vision_feature_select_strategy=select_strategy, projector_hidden_act="gelu",
                        tie_word_embeddings=False, pad_token_id=pad_token_id)
 
