@@ -131,24 +131,39 @@ def labels_of(layout: StreamLayout) -> list[int]:
     return [IGNORE] * (s_len + header) + ids[s_len + header:]
 
 
-def collate(layouts: Sequence[StreamLayout], ks: Sequence[int], pad_id: int, mode: PositionMode = "group",
-            phi: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, position_ids, labels (B, L) and visibility (B, L, L)."""
-    if len(layouts) != len(ks):
-        raise BriskError(f"{len(layouts)} layouts but {len(ks)} k values: pass one k per stream")
+def padded_batch(layouts: Sequence[StreamLayout], pad_id: int, positions: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask, position_ids and labels (B, L) of layouts with their given positions."""
     length = max(len(x.input_ids) for x in layouts)
     batch = len(layouts)
     ids = torch.full((batch, length), pad_id, dtype=torch.long)
     mask = torch.zeros(batch, length, dtype=torch.long)
     pos = torch.zeros(batch, length, dtype=torch.long)
     labels = torch.full((batch, length), IGNORE, dtype=torch.long)
-    vis = torch.zeros(batch, length, length, dtype=torch.bool)
-    for b, (layout, k) in enumerate(zip(layouts, ks)):
+    for b, (layout, layout_pos) in enumerate(zip(layouts, positions)):
         n = len(layout.input_ids)
         ids[b, :n] = torch.tensor(layout.input_ids)
         mask[b, :n] = 1
-        pos[b, :n] = position_ids(layout, mode, phi, k)
+        pos[b, :n] = layout_pos
         labels[b, :n] = torch.tensor(labels_of(layout))
-        vis[b, :n, :n] = streaming_visibility(layout, k)
-        vis[b, n:, n:] = torch.eye(length - n, dtype=torch.bool)  # padding rows see only themselves
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels, "visibility": vis}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}
+
+
+def padded_visibility(masks: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack per-layout (n, n) visibilities into (B, L, L); padding rows see only themselves."""
+    vis = torch.zeros(len(masks), length, length, dtype=torch.bool)
+    for b, mask in enumerate(masks):
+        n = mask.shape[0]
+        vis[b, :n, :n] = mask
+        vis[b, n:, n:] = torch.eye(length - n, dtype=torch.bool)
+    return vis
+
+
+def collate(layouts: Sequence[StreamLayout], ks: Sequence[int], pad_id: int, mode: PositionMode = "group",
+            phi: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, position_ids, labels (B, L) and visibility (B, L, L)."""
+    if len(layouts) != len(ks):
+        raise BriskError(f"{len(layouts)} layouts but {len(ks)} k values: pass one k per stream")
+    batch = padded_batch(layouts, pad_id, [position_ids(x, mode, phi, k) for x, k in zip(layouts, ks)])
+    length = batch["input_ids"].shape[1]
+    batch["visibility"] = padded_visibility([streaming_visibility(x, k) for x, k in zip(layouts, ks)], length)
+    return batch

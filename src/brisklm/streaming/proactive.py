@@ -24,7 +24,8 @@ from transformers import Trainer
 
 from brisklm.core import MatrixVisibility, Plan, execute
 from brisklm.errors import BriskError
-from brisklm.streaming.gpe import IGNORE, StreamLayout, build_layout, labels_of, position_ids
+from brisklm.streaming.gpe import (IGNORE, StreamLayout, build_layout, padded_batch, padded_visibility,
+                                   position_ids)
 from brisklm.streaming.train import stream_features
 from brisklm.tasks.base import Example
 from brisklm.zoo.textlm import TrainOptions, training_arguments
@@ -91,27 +92,16 @@ def full_schedule(layout: StreamLayout) -> list[int]:
 def collate_views(layouts: Sequence[StreamLayout], schedules: Sequence[Sequence[int]], pad_id: int,
                   phi: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded batch with the student visibility, the full (teacher) visibility and the row schedule."""
-    length = max(len(x.input_ids) for x in layouts)
-    batch = len(layouts)
-    ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    mask = torch.zeros(batch, length, dtype=torch.long)
-    pos = torch.zeros(batch, length, dtype=torch.long)
-    labels = torch.full((batch, length), IGNORE, dtype=torch.long)
-    student = torch.zeros(batch, length, length, dtype=torch.bool)
-    teacher = torch.zeros(batch, length, length, dtype=torch.bool)
-    sees = torch.full((batch, length), -1, dtype=torch.long)  # per row: visible source segments (-1 = source/pad)
+    batch = padded_batch(layouts, pad_id, [position_ids(x, "group", phi) for x in layouts])
+    length = batch["input_ids"].shape[1]
+    batch["visibility"] = padded_visibility([schedule_visibility(x, s) for x, s in zip(layouts, schedules)], length)
+    batch["teacher_visibility"] = padded_visibility([schedule_visibility(x, full_schedule(x)) for x in layouts],
+                                                    length)
+    sees = torch.full((len(layouts), length), -1, dtype=torch.long)  # per row: visible source segments (-1 = source/pad)
     for b, (layout, schedule) in enumerate(zip(layouts, schedules)):
-        n, s_len = len(layout.input_ids), len(layout.source_ids)
-        ids[b, :n] = torch.tensor(layout.input_ids)
-        mask[b, :n] = 1
-        pos[b, :n] = position_ids(layout, "group", phi)
-        labels[b, :n] = torch.tensor(labels_of(layout))
-        student[b, :n, :n] = schedule_visibility(layout, schedule)
-        teacher[b, :n, :n] = schedule_visibility(layout, full_schedule(layout))
-        student[b, n:, n:] = teacher[b, n:, n:] = torch.eye(length - n, dtype=torch.bool)
-        sees[b, s_len:n] = torch.tensor(row_sees(layout, schedule))
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels,
-            "visibility": student, "teacher_visibility": teacher, "row_sees": sees}
+        sees[b, len(layout.source_ids):len(layout.input_ids)] = torch.tensor(row_sees(layout, schedule))
+    batch["row_sees"] = sees
+    return batch
 
 
 class ProactiveCollator:
