@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/brisk demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
+# Prints the set-up time (venv + install; ~0 s when done) and the test time (zoo training on first use included).
+test:
+	@start=$$(date +%s); $(MAKE) --no-print-directory install || exit $$?; setup=$$(date +%s); \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests; rc=$$?; end=$$(date +%s); \
+	echo "make test: setup $$((setup - start)) s, tests $$((end - setup)) s"; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/brisk bench all --quick
+
+# On a CUDA machine: own venv (.venv-gpu, reusing a preinstalled CUDA torch), `pytest -m gpu`, real-shape bench.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) report build src/*.egg-info

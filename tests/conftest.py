@@ -3,10 +3,16 @@
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -18,7 +24,28 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
 }
+
+
+def family_config_kwargs(family: str, layers: int) -> dict:
+    """Per-family settings that make the tiny model exercise what the family has: sliding windows shorter
+    than the test sequences, alternating sliding/global layers, soft-caps that bite, partial rotary."""
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    gemma = dict(head_dim=16, query_pre_attn_scalar=32, sliding_window=4, layer_types=alternating)
+    return {
+        "llama": {},
+        "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        "mistral": dict(sliding_window=4),
+        "gemma2": dict(gemma, attn_logit_softcapping=1.0, final_logit_softcapping=3.0, initializer_range=0.1),
+        "gemma3": dict(gemma, final_logit_softcapping=1.0,
+                       rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                        "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        "phi3": dict(sliding_window=5, partial_rotary_factor=0.5, pad_token_id=None, eos_token_id=2),
+    }[family]
 
 
 @pytest.fixture
@@ -31,7 +58,9 @@ def one_thread():
 
 
 def tiny_model(family: str = "llama", layers: int = 3, kv_heads: int = 2, seed: int = 0):
-    """A random fp32 model of the family: d=64, 4 heads (GQA with 2 KV heads by default), vocab 97."""
+    """A random fp32 model of the family: d=64, 4 heads (GQA with 2 KV heads by default), vocab 97.
+
+    Windowed families get a window of 4-5 rows (see `family_config_kwargs`)."""
     torch.manual_seed(seed)
     config_cls, model_cls = FAMILIES[family]
     config = config_cls(
@@ -42,6 +71,7 @@ def tiny_model(family: str = "llama", layers: int = 3, kv_heads: int = 2, seed: 
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
         max_position_embeddings=256,
+        **family_config_kwargs(family, layers),
     )
     return model_cls(config).eval()
 
@@ -54,3 +84,35 @@ def family_model(request):
 @pytest.fixture
 def llama_model():
     return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def fixture_checkpoints(tmp_path_factory):
+    """`checkpoint_path(style)`: a real-convention random-weight checkpoint folder, built once per test session."""
+    from brisklm.testing.checkpoints import build_checkpoint
+
+    root = tmp_path_factory.mktemp("fixture-checkpoints")
+    built: dict = {}
+
+    def checkpoint_path(style: str):
+        if style not in built:
+            built[style] = build_checkpoint(style, root / style)
+        return built[style]
+
+    return checkpoint_path
+
+
+# The CPU suite runs on the CPU on any machine ("auto" would pick a GPU); `gpu` tests pass their device explicitly.
+import os  # noqa: E402
+
+os.environ.setdefault("BRISK_DEVICE", "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `gpu` on a machine without CUDA (so `make test` keeps running on the CPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make gpu-check` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -12,8 +12,8 @@ from brisklm.tasks import get_task
 from brisklm.vision import visipruner as vp
 from brisklm.vision.baselines import fastv_plan, pdrop_plan, pdrop_stages, random_plan
 from brisklm.vision.common import LastTokenAttention, PruneRecord, removal_cosine
-from brisklm.vision.prune import PruneSpec, decode_steps, prune_prefill
-from brisklm.vision.vica import layer_importance, select_layers, vica_decode, vica_plan, vica_prefill
+from brisklm.vision.prune import PruneSpec, prune_generate, prune_prefill
+from brisklm.vision.vica import layer_importance, select_layers, vica_generate, vica_plan, vica_prefill
 from brisklm.vision.visipruner import VisiPrunerConfig, visipruner_plan
 from brisklm.vision.vlm import (
     VLMProcessor,
@@ -89,8 +89,7 @@ def test_pruned_cache_decoding_equals_full_recompute() -> None:
     model, processor, batch = _setup(n=3)
     spec = PruneSpec("fastv", keep=3, layer=2)
     cache = KVCache(model.config.text_config.num_hidden_layers)
-    logits, record = prune_prefill(model, batch, spec, cache=cache)
-    ids = decode_steps(model, cache, logits.argmax(-1), batch, 2, record.plan.visibility)
+    ids, _ = prune_generate(model, batch, spec, max_new_tokens=2, cache=cache, eos_token_id=None)
     # reference: append the first generated token and recompute with the same selection rule
     from brisklm.vision.vlm import VLMBatch
 
@@ -228,7 +227,8 @@ def test_vica_fast_cached_path_equals_training_path() -> None:
         assert [context.layers[i].keys is not None for i in range(4)] == [False, True, False, True]
         n_text = int((~visual).sum(1).max())
         assert all(cache.layers[i].length == n_text for i in range(4))
-        ids = vica_decode(model, cache, context, fast.argmax(-1), batch, 2)
+        ids = vica_generate(model, batch, layers, max_new_tokens=2, eos_token_id=None)
+        assert torch.equal(ids[:, 0], fast.argmax(-1))  # generate's prefill is the fast path
         # decoding equals re-running the training path on the extended prompt
         ext_ids = torch.cat([batch.input_ids, ids[:, :1]], 1)
         ext_mask = torch.cat([batch.attention_mask, torch.ones_like(ids[:, :1])], 1)

@@ -86,3 +86,39 @@ def test_wrong_tokenizer_is_refused(home):
     big = build_word_tokenizer([f"w{i}" for i in range(500)])
     with pytest.raises(BriskError, match="tokenizer has 505 tokens"):
         check_tokenizer_fits(model, big)
+
+
+def _record_threads(recipe, out_dir, seed):
+    return {"threads": torch.get_num_threads(), "steps": recipe.options["steps"]}
+
+
+def test_stale_fingerprint_retrains_and_training_uses_every_core(home, monkeypatch):
+    import dataclasses
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    parent = ZooRecipe("test-fp", "records its options", "translation", _record_threads, "steps", dict(steps=1))
+    child = ZooRecipe("test-fp-child", "starts from test-fp", "translation", _record_threads, "steps",
+                      dict(steps=1, init_from="test-fp"))
+    registry.register(parent)
+    registry.register(child)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        path = store.train(parent.name)
+        quality = store.read_quality(path)
+        assert quality["fingerprint"] == store.fingerprint(parent.name) and store.is_trained(parent.name)
+        assert quality["threads"] == os.cpu_count() and torch.get_num_threads() == 1  # all cores inside, restored after
+        child_before = store.fingerprint(child.name)
+        registry.register(dataclasses.replace(parent, options=dict(steps=2)))  # the recipe changed
+        assert not store.is_trained(parent.name) and store.is_stale(parent.name)
+        assert store.fingerprint(child.name) != child_before  # a model fine-tuned from it is stale too
+        assert store.read_quality(store.train(parent.name))["steps"] == 2 and store.is_trained(parent.name)
+        quality = store.read_quality(path)
+        del quality["fingerprint"]  # a record written before fingerprints is never silently reused
+        (path / store.QUALITY_FILE).write_text(json.dumps(quality))
+        assert store.is_stale(parent.name) and not store.is_trained(parent.name)
+    finally:
+        torch.set_num_threads(threads)
+        registry._RECIPES.pop(parent.name, None)
+        registry._RECIPES.pop(child.name, None)

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "brisklm.streaming.thinker_cli",
     "brisklm.vision.cli",
     "brisklm.serve.cli",
+    "brisklm.inspect_cli",
 ]
 
 
@@ -47,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        status = args.func(args)
+        from brisklm.core.device import device_defaults
+
+        with device_defaults(args):  # --device/--dtype become what "auto" means for everything the command loads
+            status = args.func(args)
     except BriskError as error:
         print(f"brisk: error: {error}", file=sys.stderr)
         return 2

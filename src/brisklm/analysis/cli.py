@@ -6,16 +6,23 @@ import argparse
 import json
 from pathlib import Path
 
+from brisklm.core.device import add_device_args, device_kwargs
+from brisklm.core.inspect import causal_lm_only
+from brisklm.core.text import TextLayer, add_text_args, text_options
 from brisklm.errors import BriskError
 from brisklm.eval.progress import progress
 
 DEFAULT_MODEL = "icl-lm"
 
 
+# What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
+CHECKPOINT_SUPPORT = {"analyze lens": causal_lm_only, "analyze pir": causal_lm_only, "analyze icl": causal_lm_only}
+
+
 def _load(args: argparse.Namespace):
     from brisklm.zoo.store import load
 
-    return load(args.model, seed=args.seed)
+    return load(args.model, seed=args.seed, **device_kwargs(args))
 
 
 def _fmt(value) -> str:
@@ -72,7 +79,8 @@ def cmd_lens(args: argparse.Namespace) -> int:
     from brisklm.analysis.lens import lens_top_tokens
 
     loaded = _load(args)
-    tops = lens_top_tokens(loaded.model, loaded.tokenizer, args.prompt, k=args.k, position=args.position)
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
+    tops = lens_top_tokens(loaded.model, loaded.tokenizer, args.prompt, k=args.k, position=args.position, text=text)
     for layer, top in enumerate(tops):
         name = "emb" if layer == 0 else f"L{layer}"
         print(f"{name:>4}: " + "  ".join(f"{w} {p:.2f}" for w, p in top))
@@ -86,6 +94,7 @@ def add_commands(subparsers) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=DEFAULT_MODEL, help="zoo name or local checkpoint folder (default: icl-lm)")
         p.add_argument("--seed", type=int, default=0)
+        add_device_args(p)
 
     p = sub.add_parser("pir", help="Peak Inverse Rank of one ICL task (both variants by default)")
     common(p)
@@ -109,7 +118,9 @@ def add_commands(subparsers) -> None:
 
     p = sub.add_parser("lens", help="logit lens: top tokens of every layer at one position of a prompt")
     common(p)
-    p.add_argument("--prompt", required=True, help="space-separated words in the model's vocabulary")
-    p.add_argument("--position", type=int, default=-1, help="token position (<bos> = 0; negative counts from the end)")
+    p.add_argument("--prompt", required=True, help="prompt text (through the chat template when the tokenizer has one)")
+    p.add_argument("--position", type=int, default=-1,
+                   help="token position (0 = first token, <bos> if any; negative counts from the end)")
+    add_text_args(p)
     p.add_argument("-k", type=int, default=5)
     p.set_defaults(func=cmd_lens)

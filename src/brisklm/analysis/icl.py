@@ -14,13 +14,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from brisklm.analysis.lens import EncodedPrompts, decode_hidden, encode_prompts, gather_positions, run_recorded
+from brisklm.analysis.lens import EncodedPrompts, decode_hidden, gather_positions, pad_right, run_recorded
 from brisklm.analysis.pir import MODES, PirResult, concat_results, pir_from_output
 from brisklm.core.adapter import ModelAdapter
+from brisklm.core.text import as_text_layer
 from brisklm.errors import BriskError
 from brisklm.tasks.base import Example
 from brisklm.tasks.icl import TASK_SPECS, IclTask
-from brisklm.tasks.tokenizer import encode_words
 
 QUADRANTS: dict[str, tuple[bool, bool]] = {"Q1": (True, True), "Q2": (True, False), "Q3": (False, False), "Q4": (False, True)}
 RECOGNISABLE = tuple(n for n, s in TASK_SPECS.items() if s.recognisable)
@@ -34,7 +34,11 @@ def _quiet(iterable, **_: Any):
 
 @dataclass
 class IclBatch:
-    """Encoded ICL prompts with, per row (B,): label / query positions (`<bos>` = 0) and the relevant token ids."""
+    """Encoded ICL prompts with, per row (B,): label / query token positions and the relevant token ids.
+
+    A position is the last token of its word (the one that has read the whole word); a word's id is its first token
+    in mid-sentence form (what a next-token prediction of it is). On a word-level tokenizer both are the word's id.
+    """
 
     enc: EncodedPrompts
     label_positions: torch.Tensor
@@ -54,21 +58,28 @@ def encode_icl(tokenizer, examples: Sequence[Example], label_index: int = -1) ->
     """Encode ICL examples; the PIR label is demonstration `label_index` (default: the last, as the public code)."""
     if not examples:
         raise BriskError("no ICL examples given")
-    enc = encode_prompts(tokenizer, [e.prompt for e in examples])
-    labels, queries, answers, tasks, firsts, similar = [], [], [], [], [], []
+    text = as_text_layer(tokenizer)
+    rows, labels, queries, answers, tasks, firsts, similar = [], [], [], [], [], [], []
     for e in examples:
         positions = e.meta["label_positions"]
         if not -len(positions) <= label_index < len(positions):
             raise BriskError(f"label_index {label_index} is out of range for {len(positions)} demonstrations")
-        labels.append(positions[label_index] + 1)  # +1 for <bos>
-        queries.append(e.meta["query_position"] + 1)
+        row = [] if text.roles.bos_id is None else [text.roles.bos_id]
+        ends = []  # ends[w]: position of the last token of prompt word w
+        for segment in text.word_segments(e.prompt.split()):
+            row += segment
+            ends.append(len(row) - 1)
+        rows.append(row)
+        labels.append(ends[positions[label_index]])
+        queries.append(ends[e.meta["query_position"]])
         answers.append(e.completion.split()[0])
         tasks.append(task_word(e))
         firsts.append(e.meta["demo_labels"][0])
         idx = e.meta.get("similar_index")
         similar.append(None if idx is None else e.meta["demo_labels"][idx])
-    ids = lambda words: torch.tensor(encode_words(tokenizer, words), dtype=torch.long)  # noqa: E731
-    sim = torch.tensor([-1 if w is None else encode_words(tokenizer, [w])[0] for w in similar], dtype=torch.long)
+    ids = lambda words: torch.tensor([text.first_token(w) for w in words], dtype=torch.long)  # noqa: E731
+    sim = torch.tensor([-1 if w is None else text.first_token(w) for w in similar], dtype=torch.long)
+    enc = pad_right(rows, text.roles.pad_id)
     return IclBatch(enc, torch.tensor(labels), torch.tensor(queries), ids(answers), ids(tasks), ids(firsts), sim)
 
 
@@ -85,8 +96,9 @@ def analyse_batch(model, batch: IclBatch, modes: Sequence[str] = MODES) -> Batch
     """One recorded pass: next-token prediction at each query and PIR of the chosen label token."""
     adapter = ModelAdapter.from_model(model)
     out = run_recorded(model, batch.enc, record_attention="attn_contrib" in modes)
-    last = gather_positions(out.layer_hidden[-1], batch.query_positions[:, None])[:, 0]  # (B, D)
-    predictions = decode_hidden(adapter, last).argmax(dim=-1)
+    queries = batch.query_positions.to(out.last_hidden.device)
+    last = gather_positions(out.layer_hidden[-1], queries[:, None])[:, 0]  # (B, D)
+    predictions = decode_hidden(adapter, last).argmax(dim=-1).cpu()  # compared with the host batch's answers
     pir = pir_from_output(adapter, out, batch.label_positions, batch.query_positions, batch.task_ids, tuple(modes))
     return BatchAnalysis(predictions, pir)
 
@@ -132,7 +144,7 @@ def evaluate_condition(model, tokenizer, tasks: Sequence[str], shots: int = 4, w
         answers.append(batch.answer_ids)
         firsts.append(batch.first_label_ids)
         similar.append(batch.similar_label_ids)
-        spaces += [set(encode_words(tokenizer, e.meta["label_space"])) for e in chunk]
+        spaces += [{as_text_layer(tokenizer).first_token(w) for w in e.meta["label_space"]} for e in chunk]
         for mode in modes:
             parts[mode].append(result.pir[mode])
     pred, answer = torch.cat(preds), torch.cat(answers)

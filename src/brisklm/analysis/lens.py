@@ -13,9 +13,10 @@ from typing import Sequence
 import torch
 
 from brisklm.core.adapter import ModelAdapter
+from brisklm.core.device import model_device
 from brisklm.core.executor import ExecutorOutput, execute
+from brisklm.core.text import TextLayer, as_text_layer
 from brisklm.errors import BriskError
-from brisklm.tasks.tokenizer import encode_words
 
 
 @dataclass
@@ -28,11 +29,17 @@ class EncodedPrompts:
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], add_bos: bool = True) -> EncodedPrompts:
-    """Word-level prompts -> right-padded ids; `<bos>` first (position p of a prompt word is p + 1)."""
+    """Prompts -> right-padded ids through the text layer: `[bos] prompt` (bos only when the tokenizer has one)."""
     if not prompts:
         raise BriskError("no prompts given: pass at least one prompt")
-    rows = [([tokenizer.bos_token_id] if add_bos else []) + encode_words(tokenizer, p) for p in prompts]
-    return pad_right(rows, tokenizer.pad_token_id)
+    text = as_text_layer(tokenizer)
+    rows = [text.text_ids(p) if add_bos else text.encode(p) for p in prompts]
+    return pad_right(rows, text.roles.pad_id)
+
+
+def lens_prompt_ids(text: TextLayer, prompt: str) -> list[int]:
+    """What the lens reads: the chat frame (with generation prompt) when templating is on, else `[bos] prompt`."""
+    return text.prompt_ids(prompt) if text.chat_template else text.text_ids(prompt)
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> EncodedPrompts:
@@ -64,7 +71,8 @@ def check_positions(positions: torch.Tensor, lengths: torch.Tensor | None, lengt
 
 def run_recorded(model, enc: EncodedPrompts, record_attention: bool = False) -> ExecutorOutput:
     """One executor pass that keeps every layer's input hidden state (and attention probabilities if asked)."""
-    return execute(model, enc.input_ids, attention_mask=enc.attention_mask, logits_rows="none",
+    device = model_device(model)  # prompts are encoded on the host
+    return execute(model, enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), logits_rows="none",
                    record_hidden=True, record_attention=record_attention)
 
 
@@ -78,14 +86,15 @@ def logit_lens(model, input_ids: torch.Tensor, positions: torch.Tensor | None = 
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Lens logits (L+1, B, P, V) at `positions` (B, P) (default: every position) for layers 0 (embeddings)..L."""
     adapter = ModelAdapter.from_model(model)
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    input_ids = input_ids.to(model_device(model))
+    mask = attention_mask.to(input_ids.device) if attention_mask is not None else torch.ones_like(input_ids)
     lengths = mask.long().sum(dim=1)
     enc = EncodedPrompts(input_ids, mask, lengths)
     out = run_recorded(model, enc)
     if positions is None:
-        positions = torch.arange(input_ids.shape[1])[None, :].expand(input_ids.shape[0], -1)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :].expand(input_ids.shape[0], -1)
     else:
-        positions = check_positions(positions, None, input_ids.shape[1], "lens")
+        positions = check_positions(positions, None, input_ids.shape[1], "lens").to(input_ids.device)
     hidden = torch.stack([gather_positions(h, positions) for h in out.layer_hidden])  # (L+1, B, P, D)
     return decode_hidden(adapter, hidden)
 
@@ -97,9 +106,14 @@ def token_rank(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lens_top_tokens(model, tokenizer, prompt: str, k: int = 5, position: int = -1) -> list[list[tuple[str, float]]]:
-    """For one prompt, the top-k lens tokens and probabilities at `position` for every layer (0 = embeddings)."""
-    enc = encode_prompts(tokenizer, [prompt])
+def lens_top_tokens(model, tokenizer, prompt: str, k: int = 5, position: int = -1,
+                    text: TextLayer | None = None) -> list[list[tuple[str, float]]]:
+    """For one prompt, the top-k lens tokens and probabilities at `position` for every layer (0 = embeddings).
+
+    `text` (default: the tokenizer's text layer) decides the framing, see `lens_prompt_ids`.
+    """
+    text = text or as_text_layer(tokenizer)
+    enc = pad_right([lens_prompt_ids(text, prompt)], text.roles.pad_id)
     pos = int(enc.lengths[0]) + position if position < 0 else position
     logits = logit_lens(model, enc.input_ids, torch.tensor([[pos]]), enc.attention_mask)[:, 0, 0]  # (L+1, V)
     probs = logits.float().softmax(dim=-1)

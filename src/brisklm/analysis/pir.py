@@ -4,7 +4,10 @@
   lens (final norm recomputed per layer, then the LM head); RR_l = 1 / (rank of the task token + 1).
 * ``attn_contrib`` (the public code): at each block l, the label token's value vectors v = W_V . norm_in(h_l[label])
   weighted per head by the last position's attention to the label token, concatenated, through o_proj, the final
-  norm and the LM head. This is what the label token writes into the last position through attention.
+  norm and the LM head. This is what the label token writes into the last position through attention. Where the
+  family norms the attention output before the residual add (Gemma's post-attention norm) that norm is applied to
+  the label's share itself; that differs from scaling the share as the whole output is scaled by a per-row factor
+  only, which the final norm removes, so the ranks are the same (up to the norms' epsilon).
 
 PIR = max over layers of RR_l. Both are batched over prompts of different lengths (right padding).
 """
@@ -51,7 +54,7 @@ def _check_mode(mode: str) -> None:
 
 def _result(mode: str, logits: torch.Tensor, task_ids: torch.Tensor) -> PirResult:
     """Ranks of task_ids (B,) under logits (L, B, V) -> PirResult with (B, L) tensors."""
-    ranks = token_rank(logits, task_ids[None, :].expand(logits.shape[0], -1)).T  # (B, L)
+    ranks = token_rank(logits, task_ids[None, :].expand(logits.shape[0], -1)).T.cpu()  # (B, L), a host result
     inverse = 1.0 / (ranks.double() + 1.0)
     pir, peak = inverse.max(dim=1)
     return PirResult(mode, ranks, inverse, pir, peak)
@@ -67,20 +70,19 @@ def attn_contrib_logits(adapter: ModelAdapter, layer_hidden: list[torch.Tensor],
                         label_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
     """Logits (L, B, V) of the label token's attention-weighted values written into the query row, per block."""
     batch = label_pos.shape[0]
-    rows = torch.arange(batch)
+    rows = torch.arange(batch, device=label_pos.device)
     out = []
-    for layer_idx, layer in enumerate(adapter.layers):
+    groups = adapter.num_heads // adapter.num_kv_heads
+    for layer_idx in range(adapter.num_layers):
         record = attentions[layer_idx]
         if record is None or record.probs is None:
             raise BriskError(f"layer {layer_idx} has no recorded attention; run with record_attention=True")
         x = gather_positions(layer_hidden[layer_idx], label_pos[:, None])  # (B, 1, D): input of block l
-        attn = layer.self_attn
-        value = attn.v_proj(layer.input_layernorm(x)).view(batch, adapter.num_kv_heads, adapter.head_dim)  # (B, Hkv, hd)
-        groups = adapter.num_heads // adapter.num_kv_heads
-        value = value.repeat_interleave(groups, dim=1)  # (B, H, hd)
+        (value,) = adapter.project(layer_idx, adapter.attn_input(layer_idx, x), "v")  # (B, Hkv, 1, hd)
+        value = value[:, :, 0].repeat_interleave(groups, dim=1)  # (B, H, hd)
         weight = record.probs[rows, :, query_pos, label_pos]  # (B, H): attention of the query row to the label key
         mixed = (weight[..., None] * value).reshape(batch, 1, adapter.num_heads * adapter.head_dim)
-        out.append(decode_hidden(adapter, attn.o_proj(mixed))[:, 0])  # (B, V)
+        out.append(decode_hidden(adapter, adapter.attn_output(layer_idx, mixed))[:, 0])  # (B, V)
     return torch.stack(out)
 
 
@@ -114,6 +116,8 @@ def pir_from_output(adapter: ModelAdapter, out: ExecutorOutput, label_pos: torch
                     task_ids: torch.Tensor, modes: tuple[str, ...] = MODES) -> dict[str, PirResult]:
     """PIR for each mode from one recorded executor pass (hidden states, and attentions for attn_contrib)."""
     results: dict[str, PirResult] = {}
+    device = out.last_hidden.device  # positions and ids are checked on the host, used where the model runs
+    label_pos, query_pos, task_ids = label_pos.to(device), query_pos.to(device), task_ids.to(device)
     if "residual" in modes:
         results["residual"] = _result("residual", residual_logits(adapter, out.layer_hidden, label_pos), task_ids)
     if "attn_contrib" in modes:

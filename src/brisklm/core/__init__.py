@@ -1,9 +1,10 @@
-"""Core: model adapter, layer-loop executor and its plans, KV cache, FLOPs counter, timing."""
+"""Core: model adapter, layer-loop executor and its plans, KV cache, generation loop, FLOPs counter, timing."""
 
 from brisklm.core.adapter import SUPPORTED_FAMILIES, ModelAdapter
 from brisklm.core.cache import KVCache
 from brisklm.core.executor import AttentionRecord, ExecutorOutput, execute
 from brisklm.core.flops import FlopsCounter, dense_forward_flops
+from brisklm.core.generate import generate
 from brisklm.core.plan import CausalVisibility, LayerStep, MatrixVisibility, Plan
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "Plan",
     "dense_forward_flops",
     "execute",
+    "generate",
 ]

@@ -1,39 +1,100 @@
-"""`brisk bench core`: the executor's no-op plan against the dense model, with and without a cache."""
+"""`brisk bench core`: the executor's no-op plan against the dense model for every family, with and without
+a cache; sliding windows under a custom rule; bf16 against fp32; the executor's overhead vs the HF forward."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    DynamicCache,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from brisklm.core.executor import execute
-from brisklm.core.plan import LayerStep, Plan
+from brisklm.core.plan import LayerStep, MatrixVisibility, Plan
 from brisklm.core.timing import time_many
 from brisklm.eval.bench import BenchContext, register
 
+VOCAB, LENGTH, WINDOW = 211, 64, 16
+_SLIDING = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)
+_GEMMA = dict(head_dim=32, sliding_window=WINDOW)
+FAMILY_MODELS = {  # family -> (config class, model class, settings: windows shorter than the sequence)
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, _SLIDING),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, _SLIDING),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=WINDOW)),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, _GEMMA),  # default soft-caps 50 / 30, alternating layers
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM,
+               dict(_GEMMA, layer_types=["sliding_attention", "full_attention"] * 2)),
+    "phi3": (Phi3Config, Phi3ForCausalLM, dict(sliding_window=WINDOW, pad_token_id=None, eos_token_id=2)),
+}
 
-def _random_models(seed: int):
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=211, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2)
-    return {"llama": LlamaForCausalLM(LlamaConfig(**kw)).eval(), "qwen2": Qwen2ForCausalLM(Qwen2Config(**kw)).eval()}
+
+def _random_models(seed: int) -> dict:
+    """One random fp32 model per family: d=128, 4 layers, 4 heads with 2 KV heads."""
+    models = {}
+    for family, (config_cls, model_cls, extra) in FAMILY_MODELS.items():
+        torch.manual_seed(seed)
+        config = config_cls(vocab_size=VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, **extra)
+        models[family] = model_cls(config).eval()
+    return models
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
 
 
 @register("core")
 @torch.no_grad()
 def bench_core(ctx: BenchContext) -> dict:
-    """Max |logit diff| of a no-op plan vs model(...), and the executor's overhead vs the HF forward."""
+    """Max |logit diff| of a no-op plan vs model(...) per family, windows, bf16 vs fp32, and the overhead."""
     g = torch.Generator().manual_seed(ctx.seed)
-    noop, noop_cache, rows = 0.0, 0.0, {}
     repeats = 3 if ctx.quick else 10
+    out: dict = {}
+    noop, noop_cache, bf16, rows = {}, {}, {}, {}
+    window_rule, window_ignored = {}, {}
     for family, model in ctx.progress(list(_random_models(ctx.seed).items()), desc="families"):
-        ids = torch.randint(0, 211, (4, 64), generator=g)
+        ids = torch.randint(0, VOCAB, (4, LENGTH), generator=g)
         ref = model(ids).logits
         plan = Plan(steps=[LayerStep()] * model.config.num_hidden_layers)
-        noop = max(noop, (execute(model, ids, plan=plan).logits - ref).abs().max().item())
+        noop[family] = _diff(execute(model, ids, plan=plan).logits, ref)
         cache = DynamicCache()
-        parts = [execute(model, ids[:, a:b], cache=cache).logits for a, b in [(0, 40), (40, 41), (41, 64)]]
-        noop_cache = max(noop_cache, (torch.cat(parts, 1) - ref).abs().max().item())
+        parts = [execute(model, ids[:, a:b], cache=cache).logits for a, b in [(0, 40), (40, 41), (41, LENGTH)]]
+        noop_cache[family] = _diff(torch.cat(parts, 1), ref)
+        if family in ("mistral", "gemma2"):  # a custom rule equal to plain causal keeps the model's window
+            causal = MatrixVisibility(torch.tril(torch.ones(4, LENGTH, LENGTH, dtype=torch.bool)))
+            window_rule[family] = _diff(execute(model, ids, plan=Plan(visibility=causal)).logits, ref)
+            window_ignored[family] = _diff(
+                execute(model, ids, plan=Plan(visibility=causal, apply_window=False)).logits, ref)
+        low = copy.deepcopy(model).to(torch.bfloat16)
+        bf16[family] = {"executor": _diff(execute(low, ids).logits, execute(model, ids).logits),
+                        "hf": _diff(low(ids).logits, ref)}
         hf = time_many(lambda: model(ids), repeats=repeats)["median_s"]
         ours = time_many(lambda: execute(model, ids), repeats=repeats)["median_s"]
         rows[family] = {"hf_forward_s": hf, "executor_forward_s": ours, "executor_over_hf": ours / hf}
-    return {"noop_max_abs_diff": noop, "noop_cache_max_abs_diff": noop_cache, "timing_batch4_len64": rows}
+    out["noop_max_abs_diff"] = max(noop.values())
+    out["noop_cache_max_abs_diff"] = max(noop_cache.values())
+    out.update({f"noop_max_abs_diff_{f}": v for f, v in noop.items()})
+    out.update({f"noop_cache_max_abs_diff_{f}": v for f, v in noop_cache.items()})
+    out["bf16_vs_fp32_max_abs_diff"] = max(v["executor"] for v in bf16.values())
+    out["hf_bf16_vs_fp32_max_abs_diff"] = max(v["hf"] for v in bf16.values())
+    out["bf16_vs_fp32_by_family"] = bf16
+    out["window_custom_rule_max_abs_diff"] = max(window_rule.values())
+    out["window_ignored_max_abs_diff"] = window_ignored  # what a plan's rule gave before windows composed
+    out["timing_batch4_len64"] = rows
+    return out

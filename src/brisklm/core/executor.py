@@ -4,6 +4,9 @@ Per layer it gathers the rows a step sends through attention (queries), the rows
 and the rows that go through the MLP, applies the layer's norms, projections, rotary and MLP to just those
 rows, and scatters the results back into the residual stream. Keys carry metadata so that visibility rules
 stay exact under caching, gathering and token dropping. A no-op plan reproduces `model(...)`.
+
+The loop is the same for every family: the adapter's recipe says where the norms are, how q/k/v come out
+of a layer, which rotary table and window a layer uses, and any soft-capping (see `core/adapter.py`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch.nn.functional as F
 
 from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import KVCache, RowMeta, cat_meta
-from brisklm.core.flops import FlopsCounter
-from brisklm.core.plan import CausalVisibility, LayerStep, Plan
+from brisklm.core.flops import FlopsCounter, layer_macs
+from brisklm.core.plan import CausalVisibility, LayerStep, Plan, window_mask
 from brisklm.errors import PlanError
 
 
@@ -70,25 +73,43 @@ def gather_meta(meta: RowMeta, index: torch.Tensor, valid: torch.Tensor | None =
 
 # ----------------------------------------------------------------------------------------------- caches
 class _DynamicCacheView:
-    """Lets a transformers Cache (e.g. DynamicCache) serve the executor for dense-key plans."""
+    """Lets a transformers Cache (e.g. DynamicCache) serve the executor for dense-key plans.
+
+    The metadata of the keys the executor writes (positions, padding validity) is kept on the cache object
+    beside the keys, so later calls see it. Keys written by HF itself get what HF assumes: position = arrival
+    index, all valid. A sliding-window layer of a DynamicCache built with the model config returns only its
+    last keys; their arrival index is counted back from the number of tokens the layer has seen. (Reordering
+    the cache's batch, e.g. beam search, is not tracked.)
+    """
+
+    META_ATTR = "_brisklm_key_meta"
 
     def __init__(self, cache) -> None:
         self.cache = cache
+        self.known: dict[int, RowMeta] = cache.__dict__.setdefault(self.META_ATTR, {})
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.cache.get_seq_length(layer_idx))
 
     def update(self, keys, values, meta, layer_idx):
-        past = self.get_seq_length(layer_idx)
+        new = keys.shape[2]
         keys, values = self.cache.update(keys, values, layer_idx)
         batch, total = keys.shape[0], keys.shape[2]
-        order = torch.arange(total, device=keys.device).expand(batch, total)
-        old = {
-            "order": order[:, :past],
-            "position": order[:, :past],
-            "valid": torch.ones(batch, past, dtype=torch.bool, device=keys.device),
-        }
-        return keys, values, cat_meta([old, meta]) if past else meta
+        old_count = total - new
+        parts = []
+        known = self.known.get(layer_idx)
+        if known is not None and known["order"].shape[0] != batch:
+            known = None
+        from_known = 0 if known is None else min(known["order"].shape[1], old_count)
+        if old_count > from_known:  # oldest keys, written by HF: index positions, all valid
+            first = self.get_seq_length(layer_idx) - total
+            order = (first + torch.arange(old_count - from_known, device=keys.device)).expand(batch, -1)
+            parts.append({"order": order, "position": order, "valid": torch.ones_like(order, dtype=torch.bool)})
+        if from_known:
+            parts.append({k: v[:, v.shape[1] - from_known:] for k, v in known.items()})
+        full = cat_meta(parts + [meta])
+        self.known[layer_idx] = full
+        return keys, values, full
 
 
 def _next_order(cache, batch: int, device) -> torch.Tensor:
@@ -145,11 +166,12 @@ def execute(
     )
     meta: RowMeta = {"order": order, "position": positions, "valid": valid, "row": arange.expand(batch, length)}
     meta.update(plan.row_meta)
-    cos, sin = adapter.rotary(hidden, positions)
+    ropes = adapter.rotaries(hidden, positions)  # rope kind -> (cos, sin), gathered with the rows
+    visibility = plan.visibility or CausalVisibility()
 
     out = ExecutorOutput(logits=None, last_hidden=hidden, meta=meta)
     record_layers = _record_set(record_attention, adapter.num_layers)
-    for layer_idx, layer in enumerate(adapter.layers):
+    for layer_idx in range(adapter.num_layers):
         step = plan.step(layer_idx)
         if plan.decide is not None:
             step = plan.decide(layer_idx, hidden, meta, step)
@@ -158,16 +180,17 @@ def execute(
         if record_hidden:
             out.layer_hidden.append(hidden)
             out.layer_meta.append(meta)
-        visibility = plan.visibility or CausalVisibility(adapter.sliding_window(layer_idx))
+        window = adapter.sliding_window(layer_idx) if plan.apply_window else None
         hidden, record = _attention_block(
-            adapter, layer, layer_idx, hidden, meta, (cos, sin), step, visibility,
+            adapter, layer_idx, hidden, meta, ropes[adapter.rope_kind(layer_idx)], step, visibility, window,
             cache_view, context, layer_idx in record_layers, flops,
         )
         out.attentions.append(record)
-        hidden = _mlp_block(adapter, layer, layer_idx, hidden, meta, step, flops)
+        hidden = _mlp_block(adapter, layer_idx, hidden, meta, step, flops)
         if step is not None and step.keep_after is not None:
             keep = step.keep_after
-            hidden, cos, sin = gather_rows(hidden, keep), gather_rows(cos, keep), gather_rows(sin, keep)
+            hidden = gather_rows(hidden, keep)
+            ropes = {kind: (gather_rows(c, keep), gather_rows(s, keep)) for kind, (c, s) in ropes.items()}
             meta = gather_meta(meta, keep, step.keep_valid)
 
     if record_hidden:
@@ -256,19 +279,6 @@ def _record_set(record_attention, num_layers: int) -> set[int]:
     return set(int(i) for i in record_attention)
 
 
-def _project(adapter: ModelAdapter, attn, x: torch.Tensor, proj: str, norm: str | None) -> torch.Tensor:
-    """Project rows (B, T, D) into heads (B, H, T, hd) with the module's own linear (and per-head norm)."""
-    batch, length, _ = x.shape
-    y = getattr(attn, proj)(x).view(batch, length, -1, adapter.head_dim)
-    if norm is not None and hasattr(attn, norm):
-        y = getattr(attn, norm)(y)
-    return y.transpose(1, 2)
-
-
-def _rotate(adapter: ModelAdapter, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return adapter.apply_rotary(x, x, cos, sin)[0]
-
-
 def _select_rows(mask, hidden, meta, cos, sin):
     """Pack the rows of a (B, T) mask (None = all rows): index, validity, hidden, metadata, cos, sin."""
     if mask is None:
@@ -279,10 +289,9 @@ def _select_rows(mask, hidden, meta, cos, sin):
 
 
 def _attention_block(
-    adapter, layer, layer_idx, hidden, meta, rope, step: LayerStep | None, visibility,
+    adapter: ModelAdapter, layer_idx, hidden, meta, rope, step: LayerStep | None, visibility, window: int | None,
     cache_view, context, record: bool, flops: FlopsCounter | None,
 ):
-    attn = layer.self_attn
     cos, sin = rope
     q_mask = None if step is None else step.attn_rows
     kv_mask = None if step is None else step.kv_rows
@@ -294,11 +303,13 @@ def _attention_block(
     _, _, xk_raw, k_meta_new, cos_k, sin_k = _select_rows(kv_mask, hidden, meta, cos, sin)
     same_rows = kv_mask is None and q_mask is None
 
-    norm = layer.input_layernorm
-    xq = norm(xq_raw)
-    xk = xq if same_rows else norm(xk_raw)
-    key = _rotate(adapter, _project(adapter, attn, xk, "k_proj", "k_norm"), cos_k, sin_k)
-    value = _project(adapter, attn, xk, "v_proj", None)
+    xq = adapter.attn_input(layer_idx, xq_raw)
+    query = None
+    if same_rows:
+        query, key, value = adapter.project(layer_idx, xq, "qkv")
+    else:
+        key, value = adapter.project(layer_idx, adapter.attn_input(layer_idx, xk_raw), "kv")
+    key = adapter.rotate(key, cos_k, sin_k)
 
     if cache_view is not None:
         keys, values, k_meta = cache_view.update(key, value, k_meta_new, layer_idx)
@@ -306,10 +317,12 @@ def _attention_block(
         keys, values, k_meta = key, value, k_meta_new
     if xq.shape[1] == 0:  # no row queries at this layer (keys/values were still stored above)
         if flops is not None:
-            flops.add(layer_idx, "kv_proj", 4 * int(k_meta_new["valid"].sum()) * adapter.hidden_size
-                      * adapter.num_kv_heads * adapter.head_dim)
+            macs = layer_macs(adapter, layer_idx)["kv_proj"]
+            flops.add(layer_idx, "kv_proj", 2 * int(k_meta_new["valid"].sum()) * macs)
         return hidden, None
-    query = _rotate(adapter, _project(adapter, attn, xq, "q_proj", "q_norm"), cos_q, sin_q)
+    if query is None:
+        (query,) = adapter.project(layer_idx, xq, "q")
+    query = adapter.rotate(query, cos_q, sin_q)
     ctx_parts = [c.read(layer_idx) for c in context]
     ctx_parts = [p for p in ctx_parts if p[0] is not None]
     if ctx_parts:
@@ -318,25 +331,30 @@ def _attention_block(
         k_meta = cat_meta([p[2] for p in ctx_parts] + [k_meta])
 
     visible = visibility(q_meta, k_meta, layer_idx) & k_meta["valid"][:, None, :]
+    if window is not None:  # the model's sliding window holds under every rule (Plan.apply_window)
+        visible = visible & window_mask(q_meta, k_meta, window)
     has_any = visible.any(dim=-1)
     safe = visible | ~has_any[..., None]
     groups = adapter.num_heads // adapter.num_kv_heads
+    scaling, softcap = adapter.attn_scaling(layer_idx), adapter.attn_softcap(layer_idx)
     probs = None
-    if record:
+    if record or softcap is not None:  # explicit scores: recorded, or soft-capped (SDPA cannot)
         k_rep = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
         v_rep = values.repeat_interleave(groups, dim=1) if groups > 1 else values
-        scores = torch.matmul(query, k_rep.transpose(2, 3)) * attn.scaling
+        scores = torch.matmul(query, k_rep.transpose(2, 3)) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~safe[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         probs = probs * has_any[:, None, :, None]
         context_out = torch.matmul(probs, v_rep)
     else:
         context_out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=safe[:, None], scale=attn.scaling, enable_gqa=groups > 1
+            query, keys, values, attn_mask=safe[:, None], scale=scaling, enable_gqa=groups > 1
         )
     context_out = context_out * has_any[:, None, :, None]
     batch, _, n_q, _ = context_out.shape
-    delta = attn.o_proj(context_out.transpose(1, 2).reshape(batch, n_q, -1))
+    delta = adapter.attn_output(layer_idx, context_out.transpose(1, 2).reshape(batch, n_q, -1))
 
     if flops is not None:
         _count_attention(adapter, flops, layer_idx, q_meta, k_meta_new, visible)
@@ -350,31 +368,31 @@ def _attention_block(
 
 
 def _count_attention(adapter, flops: FlopsCounter, layer_idx, q_meta, k_meta_new, visible) -> None:
-    d, h, hkv, hd = adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
+    """FLOPs of the rows that really entered this attention; projection sizes come from the module shapes."""
+    macs = layer_macs(adapter, layer_idx)
     n_q = int(q_meta["valid"].sum())
     n_kv = int(k_meta_new["valid"].sum())
     pairs = int((visible & q_meta["valid"][..., None]).sum())
-    flops.add(layer_idx, "q_proj", 2 * n_q * d * h * hd)
-    flops.add(layer_idx, "kv_proj", 4 * n_kv * d * hkv * hd)
-    flops.add(layer_idx, "o_proj", 2 * n_q * h * hd * d)
-    flops.add(layer_idx, "attn_scores", 4 * h * hd * pairs)
+    flops.add(layer_idx, "q_proj", 2 * n_q * macs["q_proj"])
+    flops.add(layer_idx, "kv_proj", 2 * n_kv * macs["kv_proj"])
+    flops.add(layer_idx, "o_proj", 2 * n_q * macs["o_proj"])
+    flops.add(layer_idx, "attn_scores", 4 * adapter.num_heads * adapter.head_dim * pairs)
 
 
-def _mlp_block(adapter, layer, layer_idx, hidden, meta, step: LayerStep | None, flops: FlopsCounter | None):
+def _mlp_block(adapter: ModelAdapter, layer_idx, hidden, meta, step: LayerStep | None, flops: FlopsCounter | None):
     mask = None if step is None else step.mlp_rows
-    norm, mlp = layer.post_attention_layernorm, layer.mlp
     if mask is None:
         if flops is not None:
-            flops.add(layer_idx, "mlp", 6 * int(meta["valid"].sum()) * adapter.hidden_size * adapter.intermediate_size)
-        return hidden + mlp(norm(hidden))
+            flops.add(layer_idx, "mlp", 2 * int(meta["valid"].sum()) * layer_macs(adapter, layer_idx)["mlp"])
+        return hidden + adapter.mlp(layer_idx, hidden)
     rows = mask.nonzero(as_tuple=True)
     if flops is not None:
         real = int((mask & meta["valid"]).sum())
-        flops.add(layer_idx, "mlp", 6 * real * adapter.hidden_size * adapter.intermediate_size)
+        flops.add(layer_idx, "mlp", 2 * real * layer_macs(adapter, layer_idx)["mlp"])
     if rows[0].numel() == 0:
         return hidden
     selected = hidden[rows]
-    return hidden.index_put(rows, selected + mlp(norm(selected)))
+    return hidden.index_put(rows, selected + adapter.mlp(layer_idx, selected))
 
 
 def _logits(adapter, hidden, meta, logits_rows, flops: FlopsCounter | None):

@@ -14,11 +14,25 @@ import torch
 
 from brisklm.core.cache import RowMeta
 
+WINDOW_KEY = "position"  # the row metadata a sliding window is measured over
+
 
 class Visibility(Protocol):
     """Decides which keys each query may see: returns a bool tensor (B, Tq, Tk), True = visible."""
 
     def __call__(self, query: RowMeta, key: RowMeta, layer_idx: int) -> torch.Tensor: ...
+
+
+def window_mask(query: RowMeta, key: RowMeta, window: int) -> torch.Tensor:
+    """(B, Tq, Tk) True where the key's position is fewer than `window` before the query's.
+
+    Measured over position ids. HF measures its window over the sequence index; the two agree wherever
+    positions advance with the index up to a per-row constant (plain, left/right-padded and cached
+    forwards), and positions stay the same when a plan streams, gathers or regroups rows (GPE, thinker,
+    dropped tokens), so a streamed plan equals its one-pass reference under a window too. Arrival order
+    would not: streaming plans number each group's rows on their own.
+    """
+    return query[WINDOW_KEY][:, :, None] - key[WINDOW_KEY][:, None, :] < window
 
 
 @dataclass
@@ -28,10 +42,9 @@ class CausalVisibility:
     window: int | None = None
 
     def __call__(self, query: RowMeta, key: RowMeta, layer_idx: int) -> torch.Tensor:
-        diff = query["order"][:, :, None] - key["order"][:, None, :]
-        visible = diff >= 0
+        visible = query["order"][:, :, None] >= key["order"][:, None, :]
         if self.window is not None:
-            visible &= diff < self.window
+            visible &= window_mask(query, key, self.window)
         return visible
 
 
@@ -76,12 +89,14 @@ class Plan:
 
     position_ids: (B, T) rotary positions; None = continue after the cache (0.. without one).
     order: (B, T) arrival order used by causal rules; None = continue after the cache.
-    visibility: rule for which keys a query sees; None = causal (with the model's sliding window).
+    visibility: rule for which keys a query sees; None = causal. The model's sliding window (per layer) is
+        applied on top of any rule, over position ids (see `window_mask`), unless `apply_window` is False.
     row_meta: extra per-row tensors (B, T) that a visibility rule reads (stored with cached keys too).
     steps: one LayerStep (or None) per layer; None = dense.
     decide: optional rule `(layer_idx, hidden (B, T, D), meta, step) -> LayerStep | None` called when the
         layer is reached, for decisions that depend on the layer's input (e.g. token routers); its result
         replaces that layer's step. None = the static steps only.
+    apply_window: False when the rule decides windows itself (or means to ignore the model's window).
     """
 
     position_ids: torch.Tensor | None = None
@@ -90,6 +105,7 @@ class Plan:
     row_meta: RowMeta = field(default_factory=dict)
     steps: Sequence[LayerStep | None] | None = None
     decide: Callable[[int, torch.Tensor, RowMeta, LayerStep | None], LayerStep | None] | None = None
+    apply_window: bool = True
 
     def step(self, layer_idx: int) -> LayerStep | None:
         if self.steps is None:

@@ -40,6 +40,7 @@ __all__ = [
 
 AREA_MODULES: dict[str, str] = {
     "core": "brisklm.core.bench",
+    "realshape": "brisklm.core.realshape_bench",
     "streaming": "brisklm.streaming.bench",
     "proactive": "brisklm.streaming.proactive_bench",
     "thinker": "brisklm.streaming.thinker_bench",

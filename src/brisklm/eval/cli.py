@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Mapping
 
+from brisklm.core.device import add_device_args
 from brisklm.eval.flatten import flatten, format_value
 
 
@@ -70,10 +71,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--quick", action="store_true", help="small sizes, for CI and smoke tests")
     bench.add_argument("--out", type=Path, default=None, metavar="FILE.json", help="also write the JSON here")
     bench.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_device_args(bench)
     bench.set_defaults(func=_bench)
 
     demo = subparsers.add_parser("demo", help="run every method on the tiny models and write an HTML report")
     demo.add_argument("--quick", action="store_true", help="small sizes, for CI and smoke tests")
     demo.add_argument("--out-dir", type=Path, default=Path("report"), help="report folder (default: report)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_device_args(demo)
     demo.set_defaults(func=_demo)

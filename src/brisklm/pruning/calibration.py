@@ -2,7 +2,7 @@
 
 Data can come from the model's own training distribution ("mixed_lm", the LRM-pruning finding that
 aligned calibration is more stable), from a shifted distribution ("shifted": only noise and copy
-segments), or from a text file (one sequence per line, words of the model's vocabulary).
+segments), or from a text file (one sequence per line, encoded through the text layer: any tokenizer).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from brisklm.core.device import to_device
 from brisklm.errors import BriskError
 from brisklm.zoo.textlm import IGNORE, PadCollator, encode_plain_text
 
@@ -33,10 +34,11 @@ class CalibData:
     def num_tokens(self) -> int:
         return sum(len(f["input_ids"]) for f in self.features)
 
-    def batches(self, batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-        """Right-padded batches: input_ids, labels, attention_mask (B, T)."""
+    def batches(self, batch_size: int, pad_id: int, device: torch.device | str | None = None) -> list[dict[str, torch.Tensor]]:
+        """Right-padded batches: input_ids, labels, attention_mask (B, T), on `device` (default: the host)."""
         collate = PadCollator(pad_id)
-        return [collate(self.features[i:i + batch_size]) for i in range(0, len(self.features), batch_size)]
+        out = [collate(self.features[i:i + batch_size]) for i in range(0, len(self.features), batch_size)]
+        return out if device is None else [to_device(batch, device) for batch in out]
 
 
 def load_calibration(tokenizer, source: str = "mixed_lm", n: int = 64, split: str = "train", seed: int = 0,
@@ -70,7 +72,7 @@ Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, at
 
 def hf_forward(model) -> Forward:
     """The plain HF forward as a `Forward`."""
-    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+    return lambda ids, mask: model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
 
 
 @torch.no_grad()
@@ -83,7 +85,7 @@ def token_metrics(forward: Forward, data: CalibData, pad_id: int, batch_size: in
     offset = 0
     for batch in data.batches(batch_size, pad_id):
         logits = forward(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
-        labels = batch["labels"][:, 1:]
+        labels = batch["labels"][:, 1:].to(logits.device)
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0),
                                                    reduction="none")  # (B, T-1)
         hits = (logits[:, :-1].argmax(-1) == labels).float()

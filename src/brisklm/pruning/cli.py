@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from brisklm.core.device import add_device_args, device_kwargs
+from brisklm.core.inspect import causal_lm_only
 from brisklm.errors import BriskError
+
+
+# What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
+CHECKPOINT_SUPPORT = {"prune depth": causal_lm_only, "prune width": causal_lm_only, "prune skipgpt": causal_lm_only}
 
 
 def _load(args):
@@ -14,7 +20,7 @@ def _load(args):
     from brisklm.pruning.calibration import load_calibration
     from brisklm.zoo.store import load
 
-    loaded = load(args.model)
+    loaded = load(args.model, **device_kwargs(args))
     ModelAdapter.from_model(loaded.model)  # unsupported families fail here, before any work
     data = load_calibration(loaded.tokenizer, args.calib, args.calib_n)
     return loaded, data
@@ -74,7 +80,7 @@ def cmd_skipgpt(args: argparse.Namespace) -> int:
         if not (loaded.path / "routers.json").exists():
             raise BriskError(f"--stage lora needs a checkpoint with trained routers; run --stage routers first "
                              f"(no routers.json in {loaded.path})")
-        routers = RouterSet.load(loaded.path)
+        routers = RouterSet.load(loaded.path).follow(model)
         model, stats = train_lora(model, tok, train.features, routers, opts)
     test = load_calibration(tok, "mixed_lm", 64, split="test") if args.calib in ("mixed_lm", "shifted") else train
     records = []
@@ -91,12 +97,13 @@ def add_commands(subparsers) -> None:
     prune = subparsers.add_parser("prune", help="static depth/width pruning and SkipGPT token routing")
     sub = prune.add_subparsers(dest="prune_command", metavar="METHOD", required=True)
 
-    def common(p):
+    def common(p, training: bool = False):
         p.add_argument("--model", required=True, help="zoo name or local HF checkpoint folder")
         p.add_argument("--calib", default="mixed_lm",
                        help="calibration/recovery data: mixed_lm (the model's own distribution), shifted, or a text file")
         p.add_argument("--calib-n", type=int, default=64, help="calibration sequences")
         p.add_argument("--out", required=True, help="output checkpoint folder")
+        add_device_args(p, training=training)
 
     p = sub.add_parser("depth", help="delete whole layers (Block Influence or SLEB)")
     common(p)
@@ -112,7 +119,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_width)
 
     p = sub.add_parser("skipgpt", help="train SkipGPT routers (stage routers) or LoRA with frozen routers (stage lora)")
-    common(p)
+    common(p, training=True)
     p.add_argument("--sparsity", type=float, default=0.25, help="target skipped fraction of module executions, in (0, 1)")
     p.add_argument("--stage", choices=("routers", "lora"), default="routers")
     p.add_argument("--router", choices=("linear", "lowrank"), default="linear")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from brisklm.core.adapter import ModelAdapter
+from brisklm.core.device import model_device
 from brisklm.core.executor import execute
 from brisklm.core.plan import LayerStep, Plan
 from brisklm.errors import BriskError
@@ -44,21 +45,22 @@ def block_influence(model, data: CalibData, pad_id: int, batch_size: int = 16) -
     adapter = ModelAdapter.from_model(model)
     sums = torch.zeros(adapter.num_layers, dtype=torch.float64)
     count = 0
-    for batch in data.batches(batch_size, pad_id):
+    for batch in data.batches(batch_size, pad_id, model_device(model)):
         out = execute(model, batch["input_ids"], attention_mask=batch["attention_mask"], record_hidden=True,
                       logits_rows="none")
         valid = batch["attention_mask"].bool()  # (B, T)
         hs = out.layer_hidden  # L + 1 tensors (B, T, D)
         for i in range(adapter.num_layers):
             cos = torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)  # (B, T)
-            sums[i] += (1 - cos)[valid].double().sum()
+            sums[i] += float((1 - cos)[valid].double().sum())
         count += int(valid.sum())
     return (sums / max(count, 1)).tolist()
 
 
-def skip_layers_plan(num_layers: int, removed: Sequence[int], batch: int, length: int) -> Plan:
+def skip_layers_plan(num_layers: int, removed: Sequence[int], batch: int, length: int,
+                     device: torch.device | str = "cpu") -> Plan:
     """A plan that skips whole layers (no attention, MLP or keys) == the model with those layers deleted."""
-    off = torch.zeros(batch, length, dtype=torch.bool)
+    off = torch.zeros(batch, length, dtype=torch.bool, device=device)
     steps = [LayerStep(off, off, off) if i in set(removed) else None for i in range(num_layers)]
     return Plan(steps=steps)
 
@@ -69,9 +71,9 @@ def calibration_perplexity(model, data: CalibData, pad_id: int, removed: Sequenc
     """Perplexity on the calibration data with `removed` layers skipped (no copy of the model)."""
     adapter = ModelAdapter.from_model(model)
     total, count = 0.0, 0
-    for batch in data.batches(batch_size, pad_id):
+    for batch in data.batches(batch_size, pad_id, model_device(model)):
         ids = batch["input_ids"]
-        plan = skip_layers_plan(adapter.num_layers, removed, *ids.shape)
+        plan = skip_layers_plan(adapter.num_layers, removed, *ids.shape, device=ids.device)
         logits = execute(model, ids, plan=plan, attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,

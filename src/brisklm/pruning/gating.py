@@ -47,7 +47,7 @@ class GatedRouting:
             from brisklm.errors import BriskError
 
             raise BriskError(f"routers are for {routers.num_layers} layers but the model has {adapter.num_layers}")
-        self.routers, self.mode, self.tau, self.noise = routers, mode, tau, noise
+        self.routers, self.mode, self.tau, self.noise = routers.follow(model), mode, tau, noise
         self.record = GateRecord()
         self._handles = []
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

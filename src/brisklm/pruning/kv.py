@@ -65,7 +65,8 @@ class ReuseKVCache(KVCache):
     """A KVCache that, at each layer, adds carried K/V for tokens that skip attention there (REUSE).
 
     The sparse executor announces each layer's store mask with `begin_layer` before the executor writes,
-    and calls `finish` after the forward. Carried entries are marked meta["carried"] = True.
+    and calls `finish` after the forward (the next forward's layer 0 does it too, so a decoding loop only needs
+    `finish` at the end). Carried entries are marked meta["carried"] = True.
     """
 
     def __init__(self, num_layers: int) -> None:
@@ -78,6 +79,7 @@ class ReuseKVCache(KVCache):
     def begin_layer(self, layer_idx: int, kv_mask: torch.Tensor, meta: RowMeta) -> None:
         """Announce that at `layer_idx` the rows kv_mask (B, T) compute K/V; meta is the rows' metadata."""
         if layer_idx == 0:
+            self._flush()  # the previous forward's last layer, when `finish` was not called in between
             self._last_k = self._last_v = None
             self._have = torch.zeros_like(kv_mask)
         self._flush()

@@ -35,7 +35,7 @@ class TokenRouter(nn.Module):
         self.out = nn.Linear(rank if kind == "lowrank" else hidden_size, 2)
         nn.init.normal_(self.out.weight, std=0.02)
         with torch.no_grad():
-            self.out.bias.copy_(torch.tensor([init_bias, 0.0]))
+            self.out.bias.copy_(torch.tensor([init_bias, 0.0], device=self.out.bias.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, 2) logits in float32 (routing decisions are precision-sensitive)."""
@@ -79,9 +79,15 @@ class RouterSet(nn.Module):
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / ROUTER_WEIGHTS))
         (out / ROUTER_CONFIG).write_text(json.dumps({**self.config_dict(), "info": info or {}}, indent=2) + "\n")
 
+    def follow(self, model) -> "RouterSet":
+        """Move to the model's device (routers stay float32: routing decisions are precision-sensitive)."""
+        from brisklm.core.device import model_device
+
+        return self.to(model_device(model))
+
     @classmethod
-    def load(cls, path: str | Path) -> "RouterSet":
-        """Read routers saved by `save` from a checkpoint folder."""
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "RouterSet":
+        """Read routers saved by `save` from a checkpoint folder (onto `device`, default cpu)."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -90,7 +96,7 @@ class RouterSet(nn.Module):
         cfg = json.loads((path / ROUTER_CONFIG).read_text())
         routers = cls(cfg["num_layers"], cfg["hidden_size"], cfg["kind"], cfg["rank"])
         routers.load_state_dict(load_file(str(path / ROUTER_WEIGHTS)))
-        return routers.eval()
+        return routers.to(device or "cpu").eval()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

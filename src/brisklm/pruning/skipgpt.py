@@ -19,6 +19,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from brisklm.core.adapter import ModelAdapter
+from brisklm.core.text import as_text_layer
 from brisklm.errors import BriskError
 from brisklm.pruning.gating import GatedRouting
 from brisklm.pruning.routers import ROUTER_KINDS, RouterSet
@@ -111,7 +112,7 @@ def _train(module: nn.Module, tokenizer, features, steps: int, lr: float, opts: 
         args = training_arguments(options, tmp)
         args.max_grad_norm = 1.0
         trainer = Trainer(model=module, args=args, train_dataset=features,
-                          data_collator=PadCollator(tokenizer.pad_token_id), callbacks=list(callbacks))
+                          data_collator=PadCollator(as_text_layer(tokenizer).roles.pad_id), callbacks=list(callbacks))
         result = trainer.train()
     module.eval()
     return {"train_loss": float(result.training_loss), "train_seconds": float(result.metrics.get("train_runtime", 0.0))}
@@ -185,4 +186,4 @@ def load_skipgpt(path: str | Path):
     from brisklm.zoo.store import load
 
     loaded = load(str(path))
-    return loaded.model, loaded.tokenizer, RouterSet.load(loaded.path)
+    return loaded.model, loaded.tokenizer, RouterSet.load(loaded.path).follow(loaded.model)

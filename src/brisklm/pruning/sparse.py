@@ -2,7 +2,8 @@
 
 At each layer the routers read the layer input (B, T, D) and pick, per token, whether attention and MLP
 run (argmax). The core executor then gathers only the executing rows through each module and scatters
-the results back. The KV policy decides which rows store keys/values (see kv.py).
+the results back. The KV policy decides which rows store keys/values (see kv.py). `sparse_generate` decodes
+with the routers through the one generation loop (`brisklm.generate`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from brisklm.core.cache import KVCache, RowMeta
 from brisklm.core.executor import execute
 from brisklm.core.flops import FlopsCounter
+from brisklm.core.generate import generate
 from brisklm.core.plan import LayerStep, Plan
 from brisklm.errors import BriskError
 from brisklm.pruning.kv import ReuseKVCache, check_policy
@@ -71,7 +73,7 @@ def sparse_forward(model, routers: RouterSet, input_ids: torch.Tensor, attention
     if policy == "reuse" and cache is None:
         cache = ReuseKVCache(routers.num_layers)
     record = RoutingRecord()
-    plan = router_plan(routers, policy, cache, record)
+    plan = router_plan(routers.follow(model), policy, cache, record)
     if cache is not None:  # explicit positions: a token that skipped every layer left no key to count from
         start = getattr(cache, "tokens_seen", 0)
         length = input_ids.shape[1]
@@ -82,3 +84,28 @@ def sparse_forward(model, routers: RouterSet, input_ids: torch.Tensor, attention
     if isinstance(cache, ReuseKVCache):
         cache.finish()
     return out.logits, record, cache
+
+
+@torch.no_grad()
+def sparse_generate(model, routers: RouterSet, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    policy: str = "full", cache: KVCache | None = None, records: list[RoutingRecord] | None = None,
+                    **generation) -> torch.Tensor:
+    """SkipGPT decoding: `brisklm.generate` with the routers deciding every layer of the prefill and of each step.
+
+    Returns the sequences (B, T + new); `records`, when given, receives one RoutingRecord per forward.
+    `generation` holds GenerationConfig fields (max_new_tokens=..., do_sample=..., eos_token_id=...).
+    """
+    check_policy(policy)
+    if cache is None:
+        cache = ReuseKVCache(routers.num_layers) if policy == "reuse" else KVCache(routers.num_layers)
+
+    def plan_fn(step: int, ids: torch.Tensor, kv: KVCache) -> Plan:
+        record = RoutingRecord()
+        if records is not None:
+            records.append(record)
+        return router_plan(routers, policy, kv, record)
+
+    out = generate(model, input_ids, attention_mask, plan_fn=plan_fn, cache=cache, **generation)
+    if isinstance(cache, ReuseKVCache):
+        cache.finish()
+    return out

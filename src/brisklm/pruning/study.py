@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from brisklm.core.adapter import ModelAdapter
+from brisklm.core.text import as_text_layer
 from brisklm.pruning.calibration import CalibData, hf_forward, load_calibration, target_difficulty, token_metrics
 from brisklm.pruning.depth import layers_for_sparsity, prune_depth
 from brisklm.pruning.routers import RouterSet
@@ -43,7 +44,8 @@ def study_data(tokenizer, n_test: int = 200, n_calib: int = 64, n_train: int = 2
 def routed_forward(model, routers: RouterSet, records: list[RoutingRecord] | None = None, policy: str = "full"):
     """A `Forward` through the sparse executor (argmax routing), collecting the routing records."""
     def forward(ids, mask):
-        logits, record, _ = sparse_forward(model, routers, ids, attention_mask=mask, policy=policy)
+        device = model.device  # calibration batches are made on the host
+        logits, record, _ = sparse_forward(model, routers, ids.to(device), attention_mask=mask.to(device), policy=policy)
         if records is not None:
             records.append(record)
         return logits
@@ -89,7 +91,7 @@ def run_study(model, tokenizer, data: StudyData, sparsities=(0.25, 0.40), opts: 
               progress: Callable = lambda x, **k: x, methods: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Quality of every method at every sparsity, realised sparsity, routing statistics; keeps the routers."""
     opts = dict(opts or {})
-    pad = tokenizer.pad_token_id
+    pad = as_text_layer(tokenizer).roles.pad_id
     adapter = ModelAdapter.from_model(model)
     dense = token_metrics(hf_forward(model), data.test, pad)
     out: dict[str, Any] = {"dense": dense, "methods": {}, "routers": {}, "routing": {}}

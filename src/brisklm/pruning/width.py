@@ -2,8 +2,10 @@
 
 Unstructured methods zero weights (same shapes; no dense speed-up). Structured pruning really shrinks
 the matrices: MLP channels leave gate/up rows and down columns, query heads leave q rows and o columns
-(the same number per KV group in every layer, so GQA stays balanced and the config stays uniform); the
-result saves and reloads as a normal HF checkpoint with smaller intermediate_size / num_attention_heads.
+(the same number per KV group in every layer, so GQA stays balanced and the config stays uniform); fused
+projections (Phi3 `gate_up_proj`, `qkv_proj`, named by the adapter's recipe) lose the same rows in each of
+their parts. The result saves and reloads as a normal HF checkpoint with smaller intermediate_size /
+num_attention_heads.
 """
 
 from __future__ import annotations
@@ -14,22 +16,22 @@ import torch
 from torch import nn
 
 from brisklm.core.adapter import ModelAdapter
+from brisklm.core.device import model_device
 from brisklm.errors import BriskError
 from brisklm.pruning.calibration import CalibData
 from brisklm.pruning.skipgpt import check_sparsity
 
 WIDTH_METHODS = ("magnitude", "wanda", "structured")
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _linears(adapter: ModelAdapter) -> dict[str, nn.Linear]:
-    """Every projection of the decoder layers by a stable name 'layer.module'."""
+    """Every projection of the decoder layers (attention and MLP, fused ones included) as 'layer.module'."""
     out = {}
     for i, layer in enumerate(adapter.layers):
-        for name in LINEARS:
-            parent = layer.self_attn if name in LINEARS[:4] else layer.mlp
-            if isinstance(getattr(parent, name, None), nn.Linear):
-                out[f"{i}.{name}"] = getattr(parent, name)
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    out[f"{i}.{name}"] = child
     return out
 
 
@@ -44,12 +46,12 @@ def activation_norms(model, data: CalibData, pad_id: int, batch_size: int = 16) 
     def hook(name):
         def fn(module, args, output):
             x = args[0][current["mask"]]  # (N_valid, in)
-            sums[name] += x.double().pow(2).sum(0)
+            sums[name] += x.double().pow(2).sum(0).to(sums[name].device)
         return fn
 
     handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
     try:
-        for batch in data.batches(batch_size, pad_id):
+        for batch in data.batches(batch_size, pad_id, model_device(model)):
             current["mask"] = batch["attention_mask"].bool()
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
@@ -82,7 +84,7 @@ def prune_unstructured(model, sparsity: float, method: str = "wanda",
     for name, lin in _linears(ModelAdapter.from_model(pruned)).items():
         score = lin.weight.abs()  # (out, in)
         if method == "wanda":
-            score = score * norms[name][None, :]
+            score = score * norms[name].to(score.device)[None, :]
         k = int(round(sparsity * lin.in_features))
         if k == 0:
             continue
@@ -94,7 +96,8 @@ def prune_unstructured(model, sparsity: float, method: str = "wanda",
 def _shrink_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
     """A new Linear keeping output rows (dim=0) or input columns (dim=1) `keep`."""
     weight = lin.weight.index_select(dim, keep)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=lin.bias is not None, dtype=weight.dtype)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=lin.bias is not None, dtype=weight.dtype,
+                    device=weight.device)
     new.weight.data.copy_(weight)
     if lin.bias is not None:
         new.bias.data.copy_(lin.bias if dim == 1 else lin.bias.index_select(0, keep))
@@ -126,21 +129,31 @@ def prune_structured(model, sparsity: float, norms: dict[str, torch.Tensor], hea
         raise BriskError(f"sparsity {sparsity} would remove every MLP channel; use a lower sparsity")
     pruned = copy.deepcopy(model)
     padapter = ModelAdapter.from_model(pruned)
+    recipe = padapter.recipe
     for i, layer in enumerate(padapter.layers):
         mlp, attn = layer.mlp, layer.self_attn
         # MLP channels: score_j = ||X_j|| * ||W_down[:, j]||.
-        score = norms[f"{i}.down_proj"] * mlp.down_proj.weight.norm(dim=0)  # (m,)
+        score = norms[f"{i}.down_proj"].to(mlp.down_proj.weight.device) * mlp.down_proj.weight.norm(dim=0)  # (m,)
         keep = score.topk(m - drop_channels).indices.sort().values
-        mlp.gate_proj = _shrink_linear(mlp.gate_proj, keep, 0)
-        mlp.up_proj = _shrink_linear(mlp.up_proj, keep, 0)
+        if recipe.fused_gate_up is not None:  # gate rows [0, m), up rows [m, 2m): keep the same channels of both
+            fused = getattr(mlp, recipe.fused_gate_up)
+            setattr(mlp, recipe.fused_gate_up, _shrink_linear(fused, torch.cat([keep, keep + m]), 0))
+        else:
+            mlp.gate_proj = _shrink_linear(mlp.gate_proj, keep, 0)
+            mlp.up_proj = _shrink_linear(mlp.up_proj, keep, 0)
         mlp.down_proj = _shrink_linear(mlp.down_proj, keep, 1)
         if heads_per_group:
-            cols = (norms[f"{i}.o_proj"] * attn.o_proj.weight.norm(dim=0)).view(h, hd)  # (h, hd)
+            cols = (norms[f"{i}.o_proj"].to(attn.o_proj.weight.device) * attn.o_proj.weight.norm(dim=0)).view(h, hd)
             head_score = cols.pow(2).sum(1).view(hkv, group)  # (hkv, group)
             kept = head_score.topk(group - heads_per_group, dim=1).indices.sort(dim=1).values
-            heads = (kept + torch.arange(hkv)[:, None] * group).flatten()  # (hkv * kept,) head ids
-            rows = (heads[:, None] * hd + torch.arange(hd)[None]).flatten()
-            attn.q_proj = _shrink_linear(attn.q_proj, rows, 0)
+            heads = (kept + torch.arange(hkv, device=kept.device)[:, None] * group).flatten()  # (hkv * kept,) head ids
+            rows = (heads[:, None] * hd + torch.arange(hd, device=kept.device)[None]).flatten()
+            if recipe.fused_qkv is not None:  # q rows first, then all k and v rows (kept whole)
+                fused = getattr(attn, recipe.fused_qkv)
+                kv_rows = h * hd + torch.arange(fused.out_features - h * hd, device=rows.device)
+                setattr(attn, recipe.fused_qkv, _shrink_linear(fused, torch.cat([rows, kv_rows]), 0))
+            else:
+                attn.q_proj = _shrink_linear(attn.q_proj, rows, 0)
             attn.o_proj = _shrink_linear(attn.o_proj, rows, 1)
             attn.num_key_value_groups = group - heads_per_group
     cfg = pruned.config

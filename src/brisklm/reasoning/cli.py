@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from brisklm.core.device import add_device_args, device_kwargs
+from brisklm.core.inspect import causal_lm_only
 from brisklm.errors import BriskError
 from tqdm.auto import tqdm
 
@@ -17,6 +19,10 @@ from brisklm.reasoning.opsft import OPSFTConfig, on_policy_sft
 from brisklm.reasoning.zoo import TASK_OPTIONS
 from brisklm.tasks.cot_arithmetic import CotArithmeticTask, is_correct
 from brisklm.zoo.store import load
+
+
+# What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
+CHECKPOINT_SUPPORT = {"reason opsft": causal_lm_only, "reason distill": causal_lm_only, "reason latent": causal_lm_only}
 
 
 def _task_data(n_train: int, n_eval: int, seed: int):
@@ -40,7 +46,7 @@ def cmd_opsft(args: argparse.Namespace) -> int:
     config = OPSFTConfig(budget=args.budget, samples=args.samples, rounds=args.rounds, prompts_per_round=args.prompts,
                          temperature=args.temperature, learning_rate=args.lr, keep=args.keep, seed=args.seed)
     config.check()
-    loaded = load(args.model)
+    loaded = load(args.model, **device_kwargs(args))
     train, test = _task_data(2000, args.eval, args.seed)
     budgets = sorted({max(2, args.budget // 2), args.budget, args.max_new_tokens})
     evaluate = lambda: evaluate_rollouts(loaded.model, loaded.tokenizer, test, is_correct, 1, args.max_new_tokens,
@@ -67,7 +73,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     config.check()
     if args.curriculum not in (None, "entropy"):
         raise BriskError(f"unknown --curriculum {args.curriculum!r}: the only curriculum is 'entropy'")
-    teacher, student = load(args.teacher), load(args.student)
+    teacher, student = load(args.teacher, **device_kwargs(args)), load(args.student, **device_kwargs(args))
     if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
         raise BriskError("teacher and student use different tokenizers; distil between models of the same task")
     train, test = _task_data(2000, args.eval, args.seed)
@@ -100,7 +106,7 @@ def cmd_latent(args: argparse.Namespace) -> int:
     config.check()
     if args.stage0_steps < 0 or args.train < 1 or args.eval < 1:
         raise BriskError("--stage0-steps must be >= 0 and --train, --eval >= 1")
-    loaded = load(args.model)
+    loaded = load(args.model, **device_kwargs(args))
     model, tok = loaded.model, loaded.tokenizer
     train, test = _task_data(args.train, args.eval, args.seed)
     if args.stage0_steps:
@@ -138,6 +144,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=120, help="evaluation cap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder to save the trained model")
+    add_device_args(p, training=True)
     p.set_defaults(func=cmd_opsft)
     p = sub.add_parser("distill", help="token-level KL distillation with a chosen prefix source and KL direction")
     p.add_argument("--teacher", default="arith-cot")
@@ -154,6 +161,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--eval", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder to save the trained student")
+    add_device_args(p, training=True)
     p.set_defaults(func=cmd_distill)
     p = sub.add_parser("latent", help="latent CoT: pause tokens, Coconut continuous thoughts, stepwise internalization")
     p.add_argument("--method", default="coconut", help="pause | coconut | internalize")
@@ -173,4 +181,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--eval", type=int, default=200, help="test prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder to save the trained model (and latent.json with its settings)")
+    add_device_args(p, training=True)
     p.set_defaults(func=cmd_latent)

@@ -119,7 +119,7 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if teacher is None:
             raise BriskError("DistillTrainer needs teacher=<a causal LM with the student's tokenizer>")
-        self.teacher = teacher.eval()
+        self.teacher = teacher.eval().to(self.args.device)  # the student's device (one copy per rank)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.kl = kl

@@ -25,8 +25,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from brisklm.core.adapter import ModelAdapter
+from brisklm.core.cache import KVCache
+from brisklm.core.executor import execute
+from brisklm.core.generate import generate
 from brisklm.errors import BriskError
-from brisklm.tasks.tokenizer import encode_words
+from brisklm.core.text import as_text_layer
 from brisklm.zoo.textlm import IGNORE, PadCollator, TrainOptions, prompt_ids, training_arguments
 
 PAUSE, BOT, EOT, LATENT = "<pause>", "<bot>", "<eot>", "<latent>"
@@ -78,13 +82,15 @@ def add_latent_tokens(model, tokenizer):
 
 
 def _ids(tokenizer, words: Sequence[str]) -> list[int]:
-    return encode_words(tokenizer, list(words))
+    return as_text_layer(tokenizer).encode(list(words))
 
 
 def _sequence(tokenizer, cot: CoT, forced: Sequence[str], supervised: Sequence[str]) -> dict[str, list[int]]:
     """`<bos> prompt <sep> forced supervised <eos>` with loss only on `supervised` and `<eos>`."""
-    head = prompt_ids(tokenizer, cot.prompt) + _ids(tokenizer, forced)
-    tail = _ids(tokenizer, supervised) + [tokenizer.eos_token_id]
+    text = as_text_layer(tokenizer)
+    segments = text.word_segments([*forced, *supervised])  # one encoding, so `supervised` continues `forced`
+    head = text.prompt_ids(cot.prompt) + [i for seg in segments[:len(forced)] for i in seg]
+    tail = [i for seg in segments[len(forced):] for i in seg] + [text.end_id]
     return {"input_ids": head + tail, "labels": [IGNORE] * len(head) + tail}
 
 
@@ -237,7 +243,7 @@ def train_stage(model, tokenizer, features: list[dict], steps: int, batch_size: 
         args = training_arguments(options, tmp)
         args.disable_tqdm = True
         trainer = trainer_cls(model=model, args=args, train_dataset=features,
-                              data_collator=PadCollator(tokenizer.pad_token_id), **trainer_kwargs)
+                              data_collator=PadCollator(as_text_layer(tokenizer).roles.pad_id), **trainer_kwargs)
         result = trainer.train()
     model.eval()
     return float(result.training_loss)
@@ -276,11 +282,10 @@ def train_latent(model, tokenizer, examples: Sequence[Any], config: LatentConfig
 
 
 def _decode(tokenizer, row: list[int]) -> tuple[str, int]:
-    """Text up to `<eos>` and the generated-token count (including `<eos>` when present)."""
-    eos = tokenizer.eos_token_id
-    finished = eos in row
-    row = row[: row.index(eos)] if finished else row
-    return " ".join(tokenizer.convert_ids_to_tokens(row)), len(row) + int(finished)
+    """Text up to the first eos id and the generated-token count (including that eos when present)."""
+    text = as_text_layer(tokenizer)
+    row, finished = text.cut_at_eos(row)
+    return text.decode(row).strip(), len(row) + int(finished)
 
 
 @torch.no_grad()
@@ -288,7 +293,8 @@ def greedy_after(model, tokenizer, heads: Sequence[list[int]], max_new_tokens: i
                  batch_size: int = 128) -> list[tuple[str, int]]:
     """Greedy continuations of given id prefixes (left-padded batches, KV cache): (text, generated tokens)."""
     model.eval()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    roles = as_text_layer(tokenizer).roles
+    eos, pad = list(roles.eos_ids), roles.pad_id
     out = []
     for start in range(0, len(heads), batch_size):
         chunk = heads[start:start + batch_size]
@@ -298,8 +304,9 @@ def greedy_after(model, tokenizer, heads: Sequence[list[int]], max_new_tokens: i
         for i, h in enumerate(chunk):
             ids[i, width - len(h):] = torch.tensor(h)
             mask[i, width - len(h):] = 1
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, width:]
+        ids, mask = ids.to(model.device), mask.to(model.device)  # filled on the host, moved once
+        generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=pad)[:, width:]
         out.extend(_decode(tokenizer, row) for row in generated.tolist())
     return out
 
@@ -309,14 +316,15 @@ def coconut_generate(model, tokenizer, prompts: Sequence[str], latents: Sequence
                      batch_size: int = 128) -> list[tuple[str, int]]:
     """`<bos> Q <sep> <bot>`, then latents[i] continuous thoughts, `<eot>`, then greedy tokens (KV cache).
 
-    Prompts are batched by (length, latent count), so no padding is needed; returns (text, generated tokens).
+    The prompt and each thought (the normed last hidden state fed back as the next input embedding) run through
+    the executor into one KVCache; `brisklm.generate` continues from it with `<eot>`. Prompts are batched by
+    (length, latent count), so no padding is needed; returns (text, generated tokens).
     """
-    from transformers import DynamicCache
-
     model.eval()
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    adapter = ModelAdapter.from_model(model)
     bot, eot = tokenizer.convert_tokens_to_ids(BOT), tokenizer.convert_tokens_to_ids(EOT)
-    eos = tokenizer.eos_token_id
+    roles = as_text_layer(tokenizer).roles
+    eos, pad = list(roles.eos_ids), roles.pad_id
     heads = [prompt_ids(tokenizer, p) + [bot] for p in prompts]
     groups: dict[tuple[int, int], list[int]] = {}
     for i, h in enumerate(heads):
@@ -325,22 +333,15 @@ def coconut_generate(model, tokenizer, prompts: Sequence[str], latents: Sequence
     for (_, n_latent), members in groups.items():
         for start in range(0, len(members), batch_size):
             idx = members[start:start + batch_size]
-            cache = DynamicCache()
-            step = lambda e: model.base_model(inputs_embeds=e, cache=cache, use_cache=True).last_hidden_state
-            h = step(embed(torch.tensor([heads[i] for i in idx])))[:, -1:]  # (b, 1, D)
-            for _ in range(n_latent):
-                h = step(h)[:, -1:]
-            h = step(embed(torch.full((len(idx), 1), eot)))
-            rows = torch.empty((len(idx), 0), dtype=torch.long)
-            done = torch.zeros(len(idx), dtype=torch.bool)
-            for _ in range(max_new_tokens):
-                token = head(h[:, -1]).argmax(-1)  # (b,)
-                token = torch.where(done, torch.full_like(token, eos), token)
-                rows = torch.cat([rows, token[:, None]], 1)
-                done |= token == eos
-                if bool(done.all()):
-                    break
-                h = step(embed(token[:, None]))
+            cache = KVCache(adapter.num_layers)
+            ids = torch.tensor([heads[i] for i in idx], device=adapter.embed_tokens.weight.device)
+            state = execute(model, ids, cache=cache, logits_rows="none").last_hidden[:, -1:]
+            for _ in range(n_latent):  # a continuous thought: the last hidden state (after the final norm)
+                state = execute(model, inputs_embeds=adapter.final_norm(state), cache=cache,
+                                logits_rows="none").last_hidden
+            first = torch.full((len(idx), 1), eot, dtype=torch.long, device=ids.device)
+            rows = generate(model, first, cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=eos, pad_token_id=pad)[:, 1:]
             for i, row in zip(idx, rows.tolist()):
                 out[i] = _decode(tokenizer, row)
     return out  # type: ignore[return-value]

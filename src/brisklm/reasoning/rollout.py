@@ -1,10 +1,11 @@
-"""Rollouts with the model's own batched `generate` (KV cache), their length accounting, and Trainer-driven steps.
+"""Rollouts through `brisklm.generate` (batched, KV cache), their length accounting, and Trainer-driven steps.
 
 A rollout is `<bos> prompt <sep> completion [<eos>]`; `finished` means `<eos>` came within the budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -13,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
+from brisklm.core.device import trainer_precision
+from brisklm.core.generate import generate
+from brisklm.core.text import as_text_layer
 from brisklm.errors import BriskError
 from brisklm.eval.accuracy import pass_at_k  # noqa: F401  (re-exported for callers of this module)
-from brisklm.zoo.textlm import IGNORE, PadCollator, prompt_ids
+from brisklm.zoo.textlm import IGNORE, PadCollator
 
 
 @dataclass
@@ -68,8 +72,9 @@ def sample_rollouts(model, tokenizer, prompts: Sequence[str], n: int, max_new_to
     if do_sample and temperature <= 0:
         raise BriskError(f"temperature must be > 0 for sampling, got {temperature}; use do_sample=False for greedy")
     model.eval()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    jobs = [(i, prompt_ids(tokenizer, p)) for i, p in enumerate(prompts) for _ in range(n)]
+    layer = as_text_layer(tokenizer)  # a tokenizer or a TextLayer built for the model (chat frame, several eos ids)
+    eos, pad = layer.end_id, layer.roles.pad_id
+    jobs = [(i, layer.prompt_ids(p)) for i, p in enumerate(prompts) for _ in range(n)]
     torch.manual_seed(seed)
     out: list[Rollout] = []
     for start in range(0, len(jobs), batch_size):
@@ -83,12 +88,12 @@ def sample_rollouts(model, tokenizer, prompts: Sequence[str], n: int, max_new_to
         kwargs: dict[str, Any] = dict(do_sample=do_sample)
         if do_sample:
             kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos, pad_token_id=pad, use_cache=True, **kwargs)[:, width:]
+        ids, mask = ids.to(model.device), mask.to(model.device)  # filled on the host, moved once
+        generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=list(layer.roles.eos_ids),
+                             pad_token_id=pad, **kwargs)[:, width:]
         for (i, p), row in zip(chunk, generated.tolist()):
-            finished = eos in row
-            row = row[: row.index(eos)] if finished else row
-            text = " ".join(tokenizer.convert_ids_to_tokens(row))
+            row, finished = layer.cut_at_eos(row)  # any eos id (or the end of turn) ends a rollout
+            text = layer.decode(row).strip()
             out.append(Rollout(i, p, row, text, finished))
     return RolloutBatch(out, eos)
 
@@ -103,7 +108,7 @@ def token_entropy(model, batch: RolloutBatch, batch_size: int = 128) -> float:
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(features), batch_size):
-        b = collate(features[start:start + batch_size])
+        b = {k: v.to(model.device) for k, v in collate(features[start:start + batch_size]).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
         logp = F.log_softmax(logits, -1)  # (B, T-1, V)
         ent = -(logp.exp() * logp).sum(-1)  # (B, T-1)
@@ -114,10 +119,12 @@ def token_entropy(model, batch: RolloutBatch, batch_size: int = 128) -> float:
 
 
 class StepDriver:
-    """One persistent transformers.Trainer (and its AdamW) stepped by hand on each round's fresh on-policy data.
+    """One persistent transformers.Trainer stepped by hand, one optimiser step per round of fresh on-policy data.
 
-    The loss is the Trainer's `compute_loss` (NLL for plain Trainer, KL for DistillTrainer), so distributed
-    back-ends (accelerate, DeepSpeed, FSDP) apply the same way as to `Trainer.train`.
+    The Trainer creates the optimiser and scheduler, `accelerator.prepare` wraps model and optimiser (DDP under
+    `accelerate launch` / torchrun), `Trainer.training_step` runs the loss (`compute_loss`: NLL for plain Trainer,
+    KL for DistillTrainer) and `accelerator.backward`, and `accelerator.clip_grad_norm_` clips. Rollouts use the
+    unwrapped model (`self.model`), which shares its parameters with the prepared one.
     """
 
     def __init__(self, model, tokenizer, learning_rate: float, total_steps: int, seed: int = 0,
@@ -126,32 +133,38 @@ class StepDriver:
         self._tmp = tempfile.TemporaryDirectory()
         args = TrainingArguments(output_dir=self._tmp.name, learning_rate=learning_rate, max_steps=total_steps,
                                  lr_scheduler_type="constant", weight_decay=0.01, save_strategy="no", report_to=[],
-                                 seed=seed, use_cpu=True, max_grad_norm=max_grad_norm, remove_unused_columns=False,
-                                 per_device_train_batch_size=micro_batch)
-        self.trainer = trainer_cls(model=model, args=args, data_collator=PadCollator(tokenizer.pad_token_id),
-                                   **trainer_kwargs)
+                                 seed=seed, max_grad_norm=max_grad_norm, remove_unused_columns=False,
+                                 per_device_train_batch_size=micro_batch, **trainer_precision())
+        self.collate = PadCollator(as_text_layer(tokenizer).roles.pad_id)
+        self.trainer = trainer_cls(model=model, args=args, data_collator=self.collate, **trainer_kwargs)
         self.trainer.create_optimizer()
+        accelerator = self.trainer.accelerator
+        self.wrapped, self.trainer.optimizer = accelerator.prepare(self.trainer.model, self.trainer.optimizer)
+        self.trainer.model_wrapped = self.wrapped
+        self.trainer.create_scheduler(num_training_steps=total_steps, optimizer=self.trainer.optimizer)
         self.trainer.current_gradient_accumulation_steps = 1
-        self.collate = PadCollator(tokenizer.pad_token_id)
         self.micro_batch = micro_batch
-        self.model = model
+        self.model = accelerator.unwrap_model(self.wrapped)
 
     def step(self, features: list[dict]) -> float:
         """One optimiser step on all features (micro-batches weighted by their token counts); returns the loss."""
         if not features:
             return float("nan")
+        trainer, accelerator = self.trainer, self.trainer.accelerator
         chunks = [features[i:i + self.micro_batch] for i in range(0, len(features), self.micro_batch)]
         tokens = [sum(sum(t != IGNORE for t in f["labels"]) for f in c) for c in chunks]
         total = max(sum(tokens), 1)
-        opt = self.trainer.optimizer
-        opt.zero_grad()
+        trainer.optimizer.zero_grad()
         loss_sum = 0.0
-        for chunk, n in zip(chunks, tokens):
-            self.trainer.current_gradient_accumulation_steps = total / max(n, 1)  # token-mean over the whole step
-            loss_sum += float(self.trainer.training_step(self.model, self.collate(chunk)))  # chunk mean * n / total
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.args.max_grad_norm)
-        opt.step()
-        opt.zero_grad()
+        for i, (chunk, n) in enumerate(zip(chunks, tokens)):
+            trainer.current_gradient_accumulation_steps = total / max(n, 1)  # token-mean over the whole step
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.wrapped):  # reduce grads once
+                loss_sum += float(trainer.training_step(self.wrapped, self.collate(chunk)))  # chunk mean * n / total
+        accelerator.clip_grad_norm_(self.wrapped.parameters(), trainer.args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad()
         self.model.eval()
         return loss_sum
 

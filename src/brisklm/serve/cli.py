@@ -6,7 +6,13 @@ import argparse
 import json
 from typing import Any
 
+from brisklm.core.device import add_device_args, device_kwargs
+from brisklm.core.inspect import word_level_only
 from brisklm.errors import BriskError
+
+
+# What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
+CHECKPOINT_SUPPORT = {"serve": word_level_only}
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -43,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_sessions=args.max_sessions, max_source_words=args.max_source_words,
                     max_message_bytes=args.max_message_bytes, max_session_seconds=args.max_session_seconds,
                     max_memory_bytes=int(args.max_memory_mb * 2**20), max_batch=args.max_batch).check()
-    loaded = load(args.model)
+    loaded = load(args.model, **device_kwargs(args))
     app = create_app(loaded.model, loaded.tokenizer, policy=args.policy, options=options, limits=limits,
                      batching=not args.no_batching, model_name=str(args.model))
 
@@ -76,4 +82,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=64, help="sessions per batched engine call")
     p.add_argument("--no-batching", action="store_true", help="run every session's engine step alone")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the engine")
+    add_device_args(p)
     p.set_defaults(func=cmd_serve)

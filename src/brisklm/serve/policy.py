@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from brisklm.core.text import word_ids
 from brisklm.errors import BriskError
 from brisklm.streaming.engine import StreamingSession
 from brisklm.streaming.gpe import check_k
 from brisklm.streaming.policies import reads_before, target_limit
-from brisklm.tasks.tokenizer import encode_words
 
 READ, CLOSE, WRITE = "read", "close", "write"
 
@@ -136,7 +136,7 @@ class GpeWaitKPolicy:
 
     # ----------------------------------------------------------------------------------- stepping interface
     def check_words(self, words: Sequence[str]) -> None:
-        encode_words(self.tokenizer, list(words))  # raises VocabularyError naming the unknown words
+        word_ids(self.tokenizer, list(words))  # raises naming unknown words / a subword tokenizer
 
     def push(self, words: Sequence[str], at: float | None = None) -> None:
         """Buffer arrived source words (no model work)."""

@@ -7,8 +7,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from brisklm.core.device import add_device_args, device_kwargs
+from brisklm.core.inspect import word_level_only
 from brisklm.errors import BriskError
 from brisklm.streaming.policies import OFFLINE_K, reads_before, target_limit
+
+
+# What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
+CHECKPOINT_SUPPORT = {"stream train": word_level_only, "stream translate": word_level_only}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -30,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise BriskError("--steps and --n-train must be positive")
     if args.spsd is not None and args.objective != "proactive":
         raise BriskError("--spsd applies to --objective proactive only: add --objective proactive or drop --spsd")
-    loaded = load(args.model)
+    loaded = load(args.model, **device_kwargs(args))
     torch.set_num_threads(args.threads)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
     if args.objective == "proactive":
@@ -93,7 +99,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
         raise BriskError(f"--threshold applies to --policy {'|'.join(HEAD_POLICIES)}, not {args.policy}")
     k = OFFLINE_K if args.policy == "offline" else check_k(args.k)
     torch.set_num_threads(1)
-    loaded = load(args.model)
+    loaded = load(args.model, **device_kwargs(args))
     session = StreamingSession(loaded.model, loaded.tokenizer, phi=args.phi)
     source = _stdin_words(sys.stdin) if args.text is None else iter(args.text.split())
 
@@ -139,7 +145,7 @@ def _translate_with_head(args: argparse.Namespace) -> int:
     if math.isnan(threshold):
         raise BriskError("--threshold is NaN: pass a number")
     torch.set_num_threads(1)
-    loaded = load(args.model)
+    loaded = load(args.model, **device_kwargs(args))
     head = make_head(args.policy, loaded.path)
     source = _stdin_words(sys.stdin) if args.text is None else iter(args.text.split())
     out = live_decode(loaded.model, loaded.tokenizer, source, head, threshold, phi=args.phi, max_words=args.max_words,
@@ -171,6 +177,7 @@ def add_commands(subparsers) -> None:
                    help="with --objective proactive: weight of the full-context self-distillation KL (default 0)")
     p.add_argument("--n-probe", type=int, default=600, help="training sentences whose rows label the probe")
     p.add_argument("--probe-steps", type=int, default=1500, help="optimizer steps of the probe's logistic regression")
+    add_device_args(p, training=True)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("translate", help="read source words from stdin, print each target word with its delay")
     p.add_argument("--model", default="translate-gpe", help="zoo name or checkpoint folder (GPE-trained)")
@@ -183,4 +190,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--phi", type=int, default=0)
     p.add_argument("--text", default=None, help="source text instead of stdin")
     p.add_argument("--max-words", type=int, default=256, help="stop after this many target words")
+    add_device_args(p)
     p.set_defaults(func=cmd_translate)

@@ -97,15 +97,15 @@ class StreamingSession:
         width = max(len(r) for r in rows)
         if width == 0:
             return
-        batch = self.batch_size
-        ids = torch.full((batch, width), self.tokenizer.pad_token_id, dtype=torch.long)
-        valid = torch.zeros(batch, width, dtype=torch.bool)
-        order = torch.zeros(batch, width, dtype=torch.long)
-        segment = torch.full((batch, width), 1 << 30, dtype=torch.long)
+        batch, host = self.batch_size, torch.device("cpu")  # filled element-wise on the host, moved once below
+        ids = torch.full((batch, width), self.tokenizer.pad_token_id, dtype=torch.long, device=host)
+        valid = torch.zeros(batch, width, dtype=torch.bool, device=host)
+        order = torch.zeros(batch, width, dtype=torch.long, device=host)
+        segment = torch.full((batch, width), 1 << 30, dtype=torch.long, device=host)
         for b, r in enumerate(rows):
             for j, (tok, seg) in enumerate(r):
                 ids[b, j], valid[b, j], segment[b, j] = tok, True, seg
-            order[b] = self.src_tokens[b] + torch.arange(width).clamp(max=max(len(r) - 1, 0))  # pads repeat
+            order[b] = self.src_tokens[b] + torch.arange(width, device=host).clamp(max=max(len(r) - 1, 0))  # pads repeat
             self.src_tokens[b] += len(r)
         meta = {"group": torch.full_like(ids, SOURCE), "segment": segment, "sees": torch.zeros_like(ids)}
         plan = Plan(position_ids=order.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
@@ -163,16 +163,18 @@ class StreamingSession:
         for b in chosen:
             if self.src_segments[b] == 0:
                 raise BriskError(f"stream {b} has read no source word: read before writing (empty stream)")
-        active = torch.zeros(self.batch_size, dtype=torch.bool)
+        host = torch.device("cpu")  # small per-step inputs built on the host, moved once below
+        active = torch.zeros(self.batch_size, dtype=torch.bool, device=host)
         active[chosen] = True
-        ids = torch.tensor([[self.pending[b] if active[b] else self.tokenizer.pad_token_id] for b in range(self.batch_size)])
-        order = torch.tensor([[self.tgt_tokens[b]] for b in range(self.batch_size)])
+        ids = torch.tensor([[self.pending[b] if active[b] else self.tokenizer.pad_token_id] for b in range(self.batch_size)],
+                           device=host)
+        order = torch.tensor([[self.tgt_tokens[b]] for b in range(self.batch_size)], device=host)
         if self.positions == "group":
             position = self.phi + order
         else:
-            position = order + torch.tensor([[self.src_tokens[b]] for b in range(self.batch_size)])
+            position = order + torch.tensor([[self.src_tokens[b]] for b in range(self.batch_size)], device=host)
         meta = {"group": torch.full_like(ids, TARGET), "segment": torch.zeros_like(ids),
-                "sees": torch.tensor([[self.src_segments[b]] for b in range(self.batch_size)])}
+                "sees": torch.tensor([[self.src_segments[b]] for b in range(self.batch_size)], device=host)}
         plan = Plan(position_ids=position.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
                     row_meta={k: v.to(self.device) for k, v in meta.items()})
         out = execute(self.model, ids.to(self.device), plan=plan, cache=self.target_cache, context=[self.source_cache],
@@ -180,7 +182,7 @@ class StreamingSession:
                       record_attention=self.record_attention)
         logits = out.logits[:, -1].float().cpu()  # (B, V)
         forbid = [forbid_early_end] * self.batch_size if isinstance(forbid_early_end, bool) else list(forbid_early_end)
-        still_open = torch.tensor([f and not c for f, c in zip(forbid, self.closed)], dtype=torch.bool)
+        still_open = torch.tensor([f and not c for f, c in zip(forbid, self.closed)], dtype=torch.bool, device=host)
         if bool(still_open.any()):
             logits[still_open, self.tokenizer.eos_token_id] = float("-inf")
         self.last_logits = logits

@@ -18,8 +18,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from brisklm.core.text import word_ids
 from brisklm.errors import BriskError
-from brisklm.tasks.tokenizer import encode_words
 
 PositionMode = Literal["group", "contiguous", "arrival"]
 POSITION_MODES: tuple[str, ...] = ("group", "contiguous", "arrival")
@@ -81,8 +81,8 @@ class StreamLayout:
 
 
 def word_segments(tokenizer, words: Sequence[str]) -> list[list[int]]:
-    """Tokenize each word on its own (never the joined string), one id list per word."""
-    return [encode_words(tokenizer, [w]) for w in words]
+    """One id list per word through the text layer (one id each: GPE streaming still assumes word-level ids)."""
+    return [[i] for i in word_ids(tokenizer, list(words))]
 
 
 def build_layout(tokenizer, source_words: Sequence[str], target_words: Sequence[str] = ()) -> StreamLayout:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brisklm.core import MatrixVisibility, Plan, execute
+from brisklm.core.device import model_device, to_device
 from brisklm.errors import BriskError
 from brisklm.streaming.engine import SOURCE, StreamingSession, StreamOutput
 from brisklm.streaming.gpe import IGNORE, build_layout
@@ -72,8 +73,8 @@ class LinearProbe(nn.Module):
 
     @torch.no_grad()
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N,) sigmoid probabilities for (N, D) hidden states."""
-        return torch.sigmoid(self.forward(hidden.float())["logits"])
+        """(N,) sigmoid probabilities for (N, D) hidden states (on the probe's device; returned on theirs)."""
+        return torch.sigmoid(self.forward(hidden.float().to(self.mean.device))["logits"]).to(hidden.device)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         logits = self.linear((features - self.mean) / self.std).squeeze(-1)
@@ -270,20 +271,20 @@ def sufficiency_data(model, tokenizer, examples: Sequence, schedule: ScheduleOpt
         chunk = examples[start:start + batch_size]
         layouts = [build_layout(tokenizer, e.meta["source_words"], e.meta["target_words"]) for e in chunk]
         schedules = [sample_schedule(rng, x.num_source_words, len(x.target) - 2, schedule) for x in layouts]
-        batch = collate_views(layouts, schedules, tokenizer.pad_token_id)
+        batch = to_device(collate_views(layouts, schedules, tokenizer.pad_token_id), model_device(model))
         plan = Plan(position_ids=batch["position_ids"], visibility=MatrixVisibility(batch["visibility"]))
         student = execute(model, batch["input_ids"], plan=plan, attention_mask=batch["attention_mask"],
                           record_attention=True)
         plan_t = Plan(position_ids=batch["position_ids"], visibility=MatrixVisibility(batch["teacher_visibility"]))
         teacher = execute(model, batch["input_ids"], plan=plan_t, attention_mask=batch["attention_mask"]).logits
-        width = batch["input_ids"].shape[1]
-        key_segment = torch.full((len(chunk), width), -1, dtype=torch.long)
-        is_source = torch.zeros(len(chunk), width, dtype=torch.bool)
-        row_index = torch.full((len(chunk), width), -1, dtype=torch.long)  # target word index predicted by row
-        n_words = torch.zeros(len(chunk), 1, dtype=torch.long)
+        width, host = batch["input_ids"].shape[1], torch.device("cpu")  # filled on the host, moved below
+        key_segment = torch.full((len(chunk), width), -1, dtype=torch.long, device=host)
+        is_source = torch.zeros(len(chunk), width, dtype=torch.bool, device=host)
+        row_index = torch.full((len(chunk), width), -1, dtype=torch.long, device=host)  # target word index predicted by row
+        n_words = torch.zeros(len(chunk), 1, dtype=torch.long, device=host)
         for b, x in enumerate(layouts):
             segs = x.source_segment_of_tokens()
-            key_segment[b, :len(segs)] = torch.tensor(segs)
+            key_segment[b, :len(segs)] = torch.tensor(segs, device=host)
             is_source[b, :len(segs)] = True
             n_words[b] = x.num_source_words
             # row r predicts token r+1; target word j (1-based) counts the words written before it as j-1
@@ -291,6 +292,8 @@ def sufficiency_data(model, tokenizer, examples: Sequence, schedule: ScheduleOpt
             offsets = [j for j, seg in enumerate(x.target) for _ in seg]  # segment of each target token
             for t in range(len(offsets) - 1):
                 row_index[b, s_len + t] = offsets[t + 1]
+        key_segment, is_source, row_index, n_words = to_device((key_segment, is_source, row_index, n_words),
+                                                               batch["input_ids"].device)
         sees = batch["row_sees"]
         labels = batch["labels"]
         nxt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], 1)  # token each row predicts
@@ -304,7 +307,7 @@ def sufficiency_data(model, tokenizer, examples: Sequence, schedule: ScheduleOpt
         parts["attention"].append(mass[keep])
         parts["label"].append((masked.argmax(-1) == teacher.float().argmax(-1))[keep].float())
         parts["lag"].append((sees - (row_index - 1))[keep].float())
-    return SufficiencyData(**{k: torch.cat(v) for k, v in parts.items()})
+    return SufficiencyData(**{k: torch.cat(v).cpu() for k, v in parts.items()})  # a host dataset for the probe
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -12,10 +12,11 @@ from typing import Sequence
 import torch
 
 from brisklm.core import KVCache, Plan, execute
+from brisklm.core.device import model_device, to_device
+from brisklm.core.text import word_ids
 from brisklm.errors import BriskError
 from brisklm.streaming.engine import StreamingSession, StreamOutput
 from brisklm.streaming.gpe import IGNORE, check_k
-from brisklm.tasks.tokenizer import encode_words
 
 OFFLINE_K = 10**6  # a lag longer than any source: read everything, then write
 
@@ -104,7 +105,7 @@ def gpe_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, ba
 
 
 def _batch_prefix_ids(tokenizer, source: Sequence[str], target: Sequence[int]) -> list[int]:
-    return [tokenizer.bos_token_id, *encode_words(tokenizer, list(source)), tokenizer.sep_token_id, *target]
+    return [tokenizer.bos_token_id, *word_ids(tokenizer, list(source)), tokenizer.sep_token_id, *target]
 
 
 @torch.no_grad()
@@ -138,7 +139,8 @@ def reencode_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, 
             mask = torch.zeros_like(ids)
             for i, s in enumerate(seqs):
                 ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-            logits = model(input_ids=ids, attention_mask=mask).logits  # (A, W, V)
+            device = model_device(model)  # the batch is filled on the host, then moved once
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (A, W, V)
             total += sum(len(s) for s in seqs)
             for i, b in enumerate(active):
                 row = logits[i, len(seqs[i]) - 1].clone()  # (V,)
@@ -181,8 +183,8 @@ def interleaved_events(n: int, m: int, k: int) -> list[tuple[str, int]]:
 def interleaved_sequence(tokenizer, source: Sequence[str], target: Sequence[str], k: int) -> dict[str, list[int]]:
     """Training sequence in arrival order: `<bos>`, source words, `<sep>` (end of source), target words, `<eos>`."""
     check_k(k)
-    src = [*encode_words(tokenizer, list(source)), tokenizer.sep_token_id]
-    tgt = [*encode_words(tokenizer, list(target)), tokenizer.eos_token_id]
+    src = [*word_ids(tokenizer, list(source)), tokenizer.sep_token_id]
+    tgt = [*word_ids(tokenizer, list(target)), tokenizer.eos_token_id]
     ids, labels = [tokenizer.bos_token_id], [IGNORE]
     for kind, i in interleaved_events(len(source), len(target), k):
         ids.append(src[i] if kind == "read" else tgt[i])
@@ -203,7 +205,7 @@ def interleaved_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: in
     pad = tokenizer.pad_token_id
     for start in range(0, len(sources), batch_size):
         chunk = [list(s) for s in sources[start:start + batch_size]]
-        src_ids = [[*encode_words(tokenizer, s), tokenizer.sep_token_id] for s in chunk]
+        src_ids = [[*word_ids(tokenizer, s), tokenizer.sep_token_id] for s in chunk]
         outs = [StreamOutput(source_words=len(s)) for s in chunk]
         cache = KVCache(layers)
         fed = [0] * len(chunk)  # real tokens in the cache per stream
@@ -226,6 +228,7 @@ def interleaved_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: in
             for b, f in enumerate(feed):
                 ids[b, :len(f)], valid[b, :len(f)] = torch.tensor(f, dtype=torch.long), True
                 order[b] = fed[b] + torch.arange(width).clamp(max=max(len(f) - 1, 0))
+            ids, valid, order = to_device((ids, valid, order), model_device(model))  # filled on the host, moved once
             out = execute(model, ids, plan=Plan(position_ids=order, order=order), cache=cache, attention_mask=valid)
             total += int(valid.sum())
             for b, f in enumerate(feed):

@@ -44,15 +44,15 @@ def train_proactive_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[
     train_examples = task.examples("train", opts["n_train"], seed=seed)
     options = TrainOptions(seed=seed, **opts["train"])
     quality: dict[str, Any] = {}
-    with one_torch_thread():
-        with tempfile.TemporaryDirectory() as tmp:
-            if opts["objective"] == "wait-k":
-                stats = train_gpe(model, tokenizer, train_examples, tuple(opts["k_range"]), options, tmp)
-            else:
-                stats = train_proactive(model, tokenizer, train_examples, options, tmp, spsd_lambda=opts["spsd"],
-                                        schedule=ScheduleOptions(**opts["schedule"]))
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:  # training: every core (zoo.store.training_threads)
+        if opts["objective"] == "wait-k":
+            stats = train_gpe(model, tokenizer, train_examples, tuple(opts["k_range"]), options, tmp)
+        else:
+            stats = train_proactive(model, tokenizer, train_examples, options, tmp, spsd_lambda=opts["spsd"],
+                                    schedule=ScheduleOptions(**opts["schedule"]))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    with one_torch_thread():  # per-token decoding and the probe's data: one thread
         test = task.examples("test", opts["n_test"], seed=seed)
         sources, refs = [e.meta["source_words"] for e in test], [e.completion for e in test]
         quality["bleu_k3"] = bleu(gpe_wait_k(model, tokenizer, sources, 3).hypotheses, refs)

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from brisklm.core.text import word_ids
 from brisklm.errors import BriskError
 from brisklm.serve.policy import Item, register_policy
-from brisklm.tasks.tokenizer import encode_words
 
 HEAD_POLICIES = ("entropy", "attention", "probe")
 DEFAULT_THRESHOLDS = {"entropy": 0.5, "attention": 0.3, "probe": 0.5}  # as `brisk stream translate`
@@ -99,7 +99,7 @@ class HeadPolicy:
         self.unlocked_at = 0.0
 
     def check_words(self, words: Sequence[str]) -> None:
-        encode_words(self.tokenizer, list(words))  # raises VocabularyError naming the unknown words
+        word_ids(self.tokenizer, list(words))  # raises naming unknown words / a subword tokenizer
 
     def _more(self) -> bool | None:
         """live_decode's `more()`: True/False once known, None while the next word (or the end) has not come."""
@@ -202,7 +202,7 @@ class ThinkerPolicy:
         self.ended = False
 
     def check_words(self, words: Sequence[str]) -> None:
-        encode_words(self.tokenizer, list(words))  # raises VocabularyError naming the unknown words
+        word_ids(self.tokenizer, list(words))  # raises naming unknown words / a subword tokenizer
 
     def _new_units(self, unlocked_at: float) -> list[Item]:
         """`reason` items for units the session wrote since the last call."""

@@ -28,12 +28,13 @@ import torch
 
 from brisklm.core import KVCache, MatrixVisibility, Plan, execute
 from brisklm.core.adapter import ModelAdapter
+from brisklm.core.text import word_ids
 from brisklm.errors import BriskError
 from brisklm.streaming.engine import SOURCE, TARGET, GroupVisibility
 from brisklm.streaming.gpe import IGNORE, StreamLayout, collate, word_segments
 from brisklm.tasks.base import Example
 from brisklm.tasks.streaming_arithmetic import ANSWER, SKIP, UNIT_END, StreamingArithmeticTask
-from brisklm.tasks.tokenizer import build_word_tokenizer, encode_words
+from brisklm.tasks.tokenizer import build_word_tokenizer
 
 Depth = Literal["D1", "D2", "D3"]
 Mode = Literal["streaming", "batch"]
@@ -159,10 +160,10 @@ def check_trace(trace: ThinkerTrace) -> None:
 
 def thinker_layout(tokenizer, trace: ThinkerTrace) -> StreamLayout:
     """GPE segments of a trace: source = question, facts, end marker; target = question unit, units, final."""
-    source = [[tokenizer.bos_token_id, *encode_words(tokenizer, trace.question)],
+    source = [[tokenizer.bos_token_id, *word_ids(tokenizer, trace.question)],
               *word_segments_of(tokenizer, trace.facts), [tokenizer.eos_token_id]]
-    target = [[tokenizer.sep_token_id, *encode_words(tokenizer, trace.question_unit)],
-              *word_segments_of(tokenizer, trace.units), [*encode_words(tokenizer, trace.final), tokenizer.eos_token_id]]
+    target = [[tokenizer.sep_token_id, *word_ids(tokenizer, trace.question_unit)],
+              *word_segments_of(tokenizer, trace.units), [*word_ids(tokenizer, trace.final), tokenizer.eos_token_id]]
     return StreamLayout(source, target)
 
 
@@ -339,7 +340,7 @@ class ThinkerSession:
 
     def _choose(self, logits: torch.Tensor, ban: torch.Tensor, forced: str | None) -> int:
         if forced is not None:
-            return encode_words(self.tokenizer, [forced])[0]
+            return word_ids(self.tokenizer, [forced])[0]
         masked = logits.clone()
         masked[ban] = float("-inf")
         return int(masked.argmax())
@@ -382,7 +383,7 @@ class ThinkerSession:
         if not words:
             raise BriskError("the question is empty: pass e.g. 'Q: C from A ?'")
         self.started = True
-        self._read([self.tokenizer.bos_token_id, *encode_words(self.tokenizer, words)])
+        self._read([self.tokenizer.bos_token_id, *word_ids(self.tokenizer, words)])
         return [self._unit(self._forced_unit(0))] if self.mode == "streaming" else []
 
     def read_fact(self, fact: str | Sequence[str]) -> list[str]:
@@ -394,7 +395,7 @@ class ThinkerSession:
         words = fact.split() if isinstance(fact, str) else list(fact)
         if not words:
             raise BriskError("the fact is empty: pass a sentence such as 'B = A + 4 .'")
-        self._read(encode_words(self.tokenizer, words))
+        self._read(word_ids(self.tokenizer, words))
         self.facts_read += 1
         return [self._unit(self._forced_unit(self.facts_read))] if self.mode == "streaming" else []
 
@@ -433,7 +434,7 @@ class ThinkerSession:
         while len(words) < self.max_final_tokens:
             if forced is not None:
                 step = len(words) - 1
-                token = encode_words(self.tokenizer, [forced[step]])[0] if step < len(forced) else self.tokenizer.eos_token_id
+                token = word_ids(self.tokenizer, [forced[step]])[0] if step < len(forced) else self.tokenizer.eos_token_id
             else:
                 token = self._choose(logits, self._final_ban, None)
             self.events[-1].predicts = self._word(token)

@@ -6,8 +6,14 @@ import argparse
 import sys
 from typing import Iterable, Iterator
 
+from brisklm.core.device import add_device_args, device_kwargs
+from brisklm.core.inspect import word_level_only
 from brisklm.errors import BriskError
 from brisklm.tasks.streaming_arithmetic import FACT_END
+
+
+# What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
+CHECKPOINT_SUPPORT = {"think": word_level_only}
 
 
 def sentences(lines: Iterable[str]) -> Iterator[str]:
@@ -35,7 +41,7 @@ def cmd_think(args: argparse.Namespace) -> int:
     check_depth(args.depth)
     check_mode(args.mode)
     torch.set_num_threads(1)
-    loaded = load(args.model)
+    loaded = load(args.model, **device_kwargs(args))
     session = ThinkerSession(loaded.model, loaded.tokenizer, args.depth, mode=args.mode)
     source = sys.stdin if args.text is None else args.text.splitlines()
     for index, sentence in enumerate(sentences(source)):
@@ -62,4 +68,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--depth", default="D2", help="final reasoning depth: D1 (answer), D2 (+combine), D3 (+check)")
     p.add_argument("--mode", default="streaming", help="streaming (think while reading) or batch (read, then think)")
     p.add_argument("--text", default=None, help="the input as text (lines) instead of stdin")
+    add_device_args(p)
     p.set_defaults(func=cmd_think)

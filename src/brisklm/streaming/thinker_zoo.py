@@ -46,11 +46,11 @@ def train_thinker_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[st
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = new_model(config, seed)
     options = TrainOptions(seed=seed, **opts["train"])
-    with one_torch_thread():
-        with tempfile.TemporaryDirectory() as tmp:
-            stats = train_thinker(model, tokenizer, examples, options, tmp, mode=opts["mode"])
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:  # training: every core (zoo.store.training_threads)
+        stats = train_thinker(model, tokenizer, examples, options, tmp, mode=opts["mode"])
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    with one_torch_thread():  # per-token decoding: one thread
         test = task.examples("test", opts["n_test"], seed=seed)
         quality = thinker_accuracy(model, tokenizer, test, DEPTHS, opts["mode"])
     return {"accuracy": quality["accuracy_D2"], **quality, "mode": opts["mode"], "parameters": count_parameters(model),

@@ -36,14 +36,14 @@ def train_streaming_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[
         model = new_model(config, seed)
     options = TrainOptions(seed=seed, **opts["train"])
     k_range = tuple(opts["k_range"])
-    with one_torch_thread():
-        with tempfile.TemporaryDirectory() as tmp:
-            if opts["layout"] == "gpe":
-                stats = train_gpe(model, tokenizer, train_examples, k_range, options, tmp)
-            else:
-                stats = train_interleaved(model, tokenizer, train_examples, k_range, options, tmp)
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:  # training: every core (zoo.store.training_threads)
+        if opts["layout"] == "gpe":
+            stats = train_gpe(model, tokenizer, train_examples, k_range, options, tmp)
+        else:
+            stats = train_interleaved(model, tokenizer, train_examples, k_range, options, tmp)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    with one_torch_thread():  # per-token decoding: one thread
         test = task.examples("test", opts["n_test"], seed=seed)
         sources, refs = [e.meta["source_words"] for e in test], [e.completion for e in test]
         decode = gpe_wait_k if opts["layout"] == "gpe" else interleaved_wait_k

@@ -54,7 +54,7 @@ def staged_plan(model, visual: torch.Tensor, stages: Sequence[tuple[int, int]], 
             return step
         alive = meta["visual"] & meta["valid"]
         if score == "random":
-            values = torch.rand(alive.shape, generator=generator)
+            values = torch.rand(alive.shape, generator=generator, device="cpu").to(alive.device)  # cpu RNG stream
         else:
             values = last_token_attention(adapter, layer_idx, hidden, meta, visibility).head_mean()
         kept = _keep_top(values, alive, by_layer[layer_idx])

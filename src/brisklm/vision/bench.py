@@ -14,13 +14,14 @@ import torch
 
 from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import KVCache
+from brisklm.core.generate import generate
 from brisklm.core.timing import median_seconds
 from brisklm.eval.bench import BenchContext, register
 from brisklm.tasks import get_task
 from brisklm.tasks.base import Example
-from brisklm.vision.prune import PruneSpec, decode_steps, prune_prefill
+from brisklm.vision.prune import PruneSpec, decode_plan_fn, prune_prefill
 from brisklm.vision.study import evaluate_method, layer_profile
-from brisklm.vision.vica import vica_decode, vica_forward, vica_layers_of, visual_compute_fraction
+from brisklm.vision.vica import vica_forward, vica_layers_of, visual_compute_fraction
 from brisklm.vision.visipruner import VisiPrunerConfig
 from brisklm.vision.vlm import LoadedVLM, embed_multimodal, load_vlm, visual_mask
 from brisklm.vision.zoo import TASK_OPTIONS, chance_accuracy, vica_accuracy
@@ -81,7 +82,8 @@ def _timings(loaded: LoadedVLM, examples, specs: dict[str, PruneSpec], vica: Loa
             def decode():
                 for lk, (k, v, meta) in zip(cache.layers, snapshot):
                     lk.keys, lk.values, lk.meta = k, v, meta
-                decode_steps(model, cache, logits.argmax(-1), batch, decode_tokens + 1, record.plan.visibility)
+                generate(model, logits.argmax(-1)[:, None], cache=cache, plan_fn=decode_plan_fn(record.plan.visibility),
+                         max_new_tokens=decode_tokens, do_sample=False, eos_token_id=None)
 
             per_token = median_seconds(decode, repeats) / decode_tokens
             row[name] = {"prefill_s": prefill, "decode_s_per_token": per_token, "kv_bytes": cache.nbytes()}
@@ -103,7 +105,8 @@ def _timings(loaded: LoadedVLM, examples, specs: dict[str, PruneSpec], vica: Loa
             def vdecode():
                 for lk, (k, v, meta) in zip(cache.layers, snapshot):
                     lk.keys, lk.values, lk.meta = k, v, meta
-                vica_decode(vica.model, cache, context, logits.argmax(-1), batch, decode_tokens + 1)
+                generate(vica.model, logits.argmax(-1)[:, None], cache=cache, context=[context],
+                         max_new_tokens=decode_tokens, do_sample=False, eos_token_id=None)
 
             per_token = median_seconds(vdecode, repeats) / decode_tokens
             row["vica"] = {"prefill_s": prefill, "decode_s_per_token": per_token,

@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from brisklm.core.device import add_device_args, device_kwargs
+from brisklm.core.inspect import multimodal_only
 from brisklm.errors import BriskError
+
+
+# What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
+CHECKPOINT_SUPPORT = {"vision prune": multimodal_only, "vision answer": multimodal_only, "vision train": multimodal_only}
 
 
 def _visipruner_config(args: argparse.Namespace):
@@ -28,7 +34,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from brisklm.vision.study import evaluate_method
     from brisklm.vision.vlm import load_vlm
 
-    loaded = load_vlm(args.model)
+    loaded = load_vlm(args.model, **device_kwargs(args))
     examples = _test_examples(args.n, args.seed)
     dense = evaluate_method(loaded, examples, _dense_spec())
     pruned = evaluate_method(loaded, examples, _spec(args))
@@ -83,7 +89,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from brisklm.vision.prune import greedy_answer
-    from brisklm.vision.vica import vica_decode, vica_prefill
+    from brisklm.vision.vica import vica_generate
     from brisklm.vision.vlm import load_vlm
 
     path = Path(args.image)
@@ -93,16 +99,13 @@ def cmd_answer(args: argparse.Namespace) -> int:
         image = np.asarray(Image.open(path).convert("RGB"))
     except OSError as error:
         raise BriskError(f"cannot read {path} as an image: {error}") from None
-    loaded = load_vlm(args.model)
+    loaded = load_vlm(args.model, **device_kwargs(args))
     batch = loaded.processor([image], [args.question])
     tok = loaded.processor.tokenizer
     if getattr(loaded.model.config, "vica_layers", None) is not None:
-        from brisklm.core.cache import KVCache
-
         layers = loaded.model.config.vica_layers
-        cache = KVCache(loaded.model.config.text_config.num_hidden_layers)
-        logits, context = vica_prefill(loaded.model, batch, layers, cache=cache)
-        ids = vica_decode(loaded.model, cache, context, logits.argmax(-1), batch, args.max_new_tokens)[0].tolist()
+        ids = vica_generate(loaded.model, batch, layers, args.max_new_tokens, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)[0].tolist()
         ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
         info = {"arch": "vica", "layers": list(layers)}
     else:
@@ -132,6 +135,7 @@ def add_commands(subparsers) -> None:
     _method_args(p, "visipruner")
     p.add_argument("--n", type=int, default=200, help="test questions")
     p.add_argument("--seed", type=int, default=0)
+    add_device_args(p)
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("train", help="train a ViCA model (from a dense LLaVA) or a dense tiny LLaVA")
     p.add_argument("--arch", required=True, help="vica | dense")
@@ -142,6 +146,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    add_device_args(p, training=True)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("answer", help="answer a question about one image")
     p.add_argument("--image", required=True, help="PNG file")
@@ -149,4 +154,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--model", default="shapes-llava")
     _method_args(p, "dense")
     p.add_argument("--max-new-tokens", type=int, default=4)
+    add_device_args(p)
     p.set_defaults(func=cmd_answer)

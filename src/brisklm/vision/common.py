@@ -2,7 +2,8 @@
 per-layer token accounting and analytic FLOPs.
 
 Scoring recomputes the last prompt token's attention row from the layer's own norm, q/k/v projections and
-rotary (O(n d) per head, as PyramidDrop does), so it works whatever attention backend the model uses.
+rotary, read through the adapter (O(n d) per head, as PyramidDrop does), so it works whatever attention backend
+the model uses and on every supported family.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import RowMeta
+from brisklm.core.plan import window_mask
 
 # ----------------------------------------------------------------------------------------------- visibility
 
@@ -67,27 +69,31 @@ class LastTokenAttention:
 
 
 def last_token_attention(adapter: ModelAdapter, layer_idx: int, hidden: torch.Tensor, meta: RowMeta,
-                         visibility) -> LastTokenAttention:
-    """Recompute the last row's attention at `layer_idx` from the layer input, under `visibility`."""
-    layer = adapter.layers[layer_idx]
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    batch, length, _ = x.shape
-    hd = adapter.head_dim
-    q = attn.q_proj(x[:, -1:]).view(batch, 1, -1, hd)
-    k = attn.k_proj(x).view(batch, length, -1, hd)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    v = attn.v_proj(x).view(batch, length, -1, hd).transpose(1, 2)
-    cos, sin = adapter.rotary(hidden, meta["position"])
-    q = adapter.apply_rotary(q.transpose(1, 2), q.transpose(1, 2), cos[:, -1:], sin[:, -1:])[0]
-    k = adapter.apply_rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[0]
+                         visibility, apply_window: bool = True) -> LastTokenAttention:
+    """Recompute the last row's attention at `layer_idx` from the layer input, under `visibility`.
+
+    The layer's own norm, projections (fused or not, with any per-head q/k norms), rotary table, score scale
+    and soft-cap come from the adapter; its sliding window holds on top of `visibility` (as in the executor)
+    unless `apply_window` is False.
+    """
+    x = adapter.attn_input(layer_idx, hidden)
+    (q,) = adapter.project(layer_idx, x[:, -1:], "q")
+    k, v = adapter.project(layer_idx, x, "kv")  # (B, H, T, hd) each, before rotary
+    cos, sin = adapter.rotary(hidden, meta["position"], layer_idx)
+    q = adapter.rotate(q, cos[:, -1:], sin[:, -1:])
+    k = adapter.rotate(k, cos, sin)
     groups = adapter.num_heads // adapter.num_kv_heads
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3))[:, :, 0] * attn.scaling  # (B, H, T)
+    scores = torch.matmul(q, k.transpose(2, 3))[:, :, 0] * adapter.attn_scaling(layer_idx)  # (B, H, T)
+    softcap = adapter.attn_softcap(layer_idx)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     last = {name: value[:, -1:] for name, value in meta.items()}
     visible = visibility(last, meta, layer_idx)[:, 0] & meta["valid"]  # (B, T)
+    window = adapter.sliding_window(layer_idx) if apply_window else None
+    if window is not None:
+        visible = visible & window_mask(last, meta, window)[:, 0]
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return LastTokenAttention(probs=probs, values=v)

@@ -1,8 +1,8 @@
 """One entry point for the visual-token pruning methods: build the plan for a batch, run prefill (and decode).
 
 `prune_prefill` returns the last-position logits, the per-layer record and (optionally) the KV cache whose
-later layers hold only the kept rows; `greedy_answer` decodes from it with positions continuing after the
-unpruned prompt.
+later layers hold only the kept rows; `prune_generate` runs the same prefill inside `brisklm.generate` and decodes
+from that cache with positions continuing after the unpruned prompt.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from brisklm.core.cache import KVCache
 from brisklm.core.executor import execute
 from brisklm.core.flops import FlopsCounter
+from brisklm.core.generate import PlanFn, generate
 from brisklm.core.plan import Plan
 from brisklm.errors import BriskError
 from brisklm.vision.baselines import fastv_plan, pdrop_plan, random_plan
@@ -76,6 +77,7 @@ def prune_prefill(model, batch: VLMBatch, spec: PruneSpec, cache: KVCache | None
                   ) -> tuple[torch.Tensor, PruneRecord]:
     """Last-position logits (B, V) of the prompts under `spec`, and what the method did per layer."""
     record = PruneRecord()
+    batch = batch.to(model.device)  # a processor's batch may live elsewhere (e.g. made on the cpu)
     plan = build_plan(model, batch.input_ids, batch.position_ids, spec, record)
     if embeds is None:
         embeds = embed_multimodal(model, batch.input_ids, batch.pixel_values)
@@ -85,31 +87,48 @@ def prune_prefill(model, batch: VLMBatch, spec: PruneSpec, cache: KVCache | None
     return out.logits[:, -1], record
 
 
+def decode_plan_fn(visibility, prefill: Plan | None = None) -> PlanFn:
+    """Plans for `brisklm.generate`: `prefill` at step 0 (when given), then text rows (not visual, no sink) under
+    the prefill's visibility, with positions continuing after the unpruned prompt (the loop's rule)."""
+
+    def plan_fn(step: int, ids: torch.Tensor, cache) -> Plan:
+        if step == 0 and prefill is not None:
+            return prefill
+        false = torch.zeros(ids.shape[0], ids.shape[1] if step == 0 else 1, dtype=torch.bool, device=ids.device)
+        return Plan(visibility=visibility, row_meta={"visual": false, "sink": false})
+
+    return plan_fn
+
+
 @torch.no_grad()
-def decode_steps(model, cache: KVCache, first: torch.Tensor, batch: VLMBatch, steps: int,
-                 visibility=None) -> torch.Tensor:
-    """Greedy-decode `steps` tokens after a prefill that filled `cache`; returns (B, steps) ids."""
-    tokens = [first]
-    next_pos = batch.position_ids[:, -1:] + 1
-    false = torch.zeros_like(first[:, None], dtype=torch.bool)
-    for _ in range(steps - 1):
-        plan = Plan(position_ids=next_pos, visibility=visibility, row_meta={"visual": false, "sink": false})
-        out = execute(model, tokens[-1][:, None], plan=plan, cache=cache, logits_rows="last")
-        tokens.append(out.logits[:, -1].argmax(-1))
-        next_pos = next_pos + 1
-    return torch.stack(tokens, dim=1)
+def prune_generate(model, batch: VLMBatch, spec: PruneSpec, max_new_tokens: int = 4, cache: KVCache | None = None,
+                   embeds: torch.Tensor | None = None, **generation) -> tuple[torch.Tensor, PruneRecord]:
+    """(B, new) ids decoded by `brisklm.generate` with `spec` applied during prefill, and the method's record.
+
+    Decoding continues from the pruned cache (later layers hold only the kept rows). Greedy, stopping at the
+    text model's eos, unless `generation` (GenerationConfig fields) says otherwise.
+    """
+    text = model.config.get_text_config()
+    record = PruneRecord()
+    batch = batch.to(model.device)  # a processor's batch may live elsewhere (e.g. made on the cpu)
+    plan = build_plan(model, batch.input_ids, batch.position_ids, spec, record)
+    record.plan = plan  # type: ignore[attr-defined]
+    if embeds is None:
+        embeds = embed_multimodal(model, batch.input_ids, batch.pixel_values)
+    options = {"do_sample": False, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id, **generation}
+    ids = generate(model, batch.input_ids, batch.attention_mask, inputs_embeds=embeds,
+                   plan_fn=decode_plan_fn(plan.visibility, plan), cache=cache, max_new_tokens=max_new_tokens, **options)
+    return ids[:, batch.input_ids.shape[1]:], record
 
 
 @torch.no_grad()
 def greedy_answer(model, batch: VLMBatch, spec: PruneSpec, max_new_tokens: int = 4) -> tuple[list[list[int]], PruneRecord]:
     """Greedy answers (ids up to <eos>) of the prompts with the method applied during prefill."""
-    from brisklm.core.adapter import ModelAdapter
-
-    cache = KVCache(ModelAdapter.from_model(model).num_layers)
-    logits, record = prune_prefill(model, batch, spec, cache=cache)
-    ids = decode_steps(model, cache, logits.argmax(-1), batch, max_new_tokens, record.plan.visibility)
-    eos = model.config.text_config.eos_token_id
+    ids, record = prune_generate(model, batch, spec, max_new_tokens)
+    eos = model.config.get_text_config().eos_token_id
+    stops = set(eos if isinstance(eos, (list, tuple)) else [eos])
     answers = []
     for row in ids.tolist():
-        answers.append(row[: row.index(eos)] if eos in row else row)
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        answers.append(row[:end])
     return answers, record

@@ -19,7 +19,8 @@ import torch
 from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import KVCache, LayerKV
 from brisklm.core.executor import execute, gather_meta, gather_rows
-from brisklm.core.flops import FlopsCounter
+from brisklm.core.flops import FlopsCounter, layer_macs
+from brisklm.core.generate import generate
 from brisklm.core.plan import LayerStep, Plan
 from brisklm.errors import BriskError
 from brisklm.vision.common import VisualVisibility, pack_right, visual_row_meta
@@ -71,24 +72,17 @@ def split_stream(embeds: torch.Tensor, visual: torch.Tensor, position_ids: torch
 
 
 def visual_kv_cache(model, vis: ViCAStream, layers: Sequence[int], flops: FlopsCounter | None = None) -> KVCache:
-    """K/V of the frozen visual rows at the selected layers only (others empty): layer norm, k/v proj, rotary."""
+    """K/V of the frozen visual rows at the selected layers only (others empty): the layer's own input norm,
+    k/v projections (fused or not, with any k norm) and rotary table, as the executor computes them."""
     adapter = ModelAdapter.from_model(model)
     cache = KVCache(adapter.num_layers)
-    cos, sin = adapter.rotary(vis.embeds, vis.position_ids)
-    batch, n, _ = vis.embeds.shape
-    hd = adapter.head_dim
+    ropes = adapter.rotaries(vis.embeds, vis.position_ids)  # rope kind -> (cos, sin)
     for idx in check_layers(layers, adapter.num_layers):
-        layer = adapter.layers[idx]
-        attn = layer.self_attn
-        x = layer.input_layernorm(vis.embeds)
-        k = attn.k_proj(x).view(batch, n, -1, hd)
-        if hasattr(attn, "k_norm"):
-            k = attn.k_norm(k)
-        k = adapter.apply_rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[0]
-        v = attn.v_proj(x).view(batch, n, -1, hd).transpose(1, 2)
+        k, v = adapter.project(idx, adapter.attn_input(idx, vis.embeds), "kv")
+        k = adapter.rotate(k, *ropes[adapter.rope_kind(idx)])
         cache.layers[idx] = LayerKV(k, v, {"order": vis.order, "position": vis.position_ids, "valid": vis.valid})
-        if flops is not None:
-            flops.add(idx, "kv_proj", 4 * int(vis.valid.sum()) * adapter.hidden_size * adapter.num_kv_heads * hd)
+        if flops is not None:  # counted as the executor counts a key/value row
+            flops.add(idx, "kv_proj", 2 * int(vis.valid.sum()) * layer_macs(adapter, idx)["kv_proj"])
     return cache
 
 
@@ -119,17 +113,21 @@ def vica_prefill(model, batch: VLMBatch, layers: Sequence[int], cache: KVCache |
 
 
 @torch.no_grad()
-def vica_decode(model, cache: KVCache, context: KVCache, first: torch.Tensor, batch: VLMBatch,
-                steps: int) -> torch.Tensor:
-    """Greedy decode after `vica_prefill`: text cache plus the visual context at the selected layers."""
-    tokens = [first]
-    next_pos = batch.position_ids[:, -1:] + 1
-    for _ in range(steps - 1):
-        out = execute(model, tokens[-1][:, None], plan=Plan(position_ids=next_pos), cache=cache,
-                      context=[context], logits_rows="last")
-        tokens.append(out.logits[:, -1].argmax(-1))
-        next_pos = next_pos + 1
-    return torch.stack(tokens, dim=1)
+def vica_generate(model, batch: VLMBatch, layers: Sequence[int], max_new_tokens: int = 4,
+                  cache: KVCache | None = None, **generation) -> torch.Tensor:
+    """(B, new) ids: the fast ViCA prefill then decoding, both inside `brisklm.generate` with the visual K/V as a
+    read-only context. Greedy, stopping at the text model's eos, unless `generation` says otherwise."""
+    text_config = model.config.get_text_config()
+    embeds = embed_multimodal(model, batch.input_ids, batch.pixel_values)
+    visual = visual_mask(batch.input_ids, model.config.image_token_id)
+    text, vis = split_stream(embeds, visual, batch.position_ids, batch.attention_mask)
+    context = visual_kv_cache(model, vis, layers)
+    prefill = Plan(position_ids=text.position_ids, order=text.order)
+    options = {"do_sample": False, "eos_token_id": text_config.eos_token_id,
+               "pad_token_id": text_config.pad_token_id, **generation}
+    return generate(model, inputs_embeds=text.embeds, attention_mask=text.valid, cache=cache, context=[context],
+                    plan_fn=lambda step, ids, kv: prefill if step == 0 else None, max_new_tokens=max_new_tokens,
+                    **options)
 
 
 def vica_layers_of(model) -> tuple[int, ...]:
@@ -150,6 +148,7 @@ def layer_importance(model, batches: Sequence[VLMBatch], answer_ids: Sequence[to
     adapter = ModelAdapter.from_model(model)
     losses = torch.zeros(adapter.num_layers + 1)
     for batch, answers in zip(batches, answer_ids):
+        batch = batch.to(model.device)
         embeds = embed_multimodal(model, batch.input_ids, batch.pixel_values)
         visual = visual_mask(batch.input_ids, model.config.image_token_id)
         for idx in range(adapter.num_layers + 1):  # the last index is the dense reference
@@ -158,7 +157,8 @@ def layer_importance(model, batches: Sequence[VLMBatch], answer_ids: Sequence[to
                         visibility=VisualVisibility(blocked, allow_sink=False))
             logits = execute(model, inputs_embeds=embeds, plan=plan, attention_mask=batch.attention_mask,
                              logits_rows="last").logits[:, -1]
-            losses[idx] += torch.nn.functional.cross_entropy(logits, answers, reduction="sum")
+            losses[idx] += float(torch.nn.functional.cross_entropy(logits.float(), answers.to(logits.device),
+                                                                   reduction="sum"))
     return (losses[:-1] - losses[-1]).div(sum(len(a) for a in answer_ids)).tolist()
 
 

@@ -69,12 +69,13 @@ class _VisiPrunerState:
         batch = visual.shape[0]
         self.visibility = VisualVisibility(frozenset(range(config.shallow_layers)), allow_sink=True,
                                            dropped=torch.zeros_like(visual) if mode == "mask" else None)
-        self.fired = torch.zeros(batch, dtype=torch.bool)
-        self.exited = torch.zeros(batch, dtype=torch.bool)
-        self.deep_hits = torch.zeros(batch, dtype=torch.long)
-        record.fusion_layer = torch.full((batch,), -1, dtype=torch.long)
-        record.kept = torch.full((batch,), -1, dtype=torch.long)
-        record.exit_layer = torch.full((batch,), -1, dtype=torch.long)
+        device = visual.device  # the model's device: the stage flags meet the executor's tensors
+        self.fired = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.exited = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.deep_hits = torch.zeros(batch, dtype=torch.long, device=device)
+        record.fusion_layer = torch.full((batch,), -1, dtype=torch.long, device=device)
+        record.kept = torch.full((batch,), -1, dtype=torch.long, device=device)
+        record.exit_layer = torch.full((batch,), -1, dtype=torch.long, device=device)
         self.pending: torch.Tensor | None = None  # mask mode: (B, T0) rows to hide from the next layer on
 
     def decide(self, layer_idx: int, hidden: torch.Tensor, meta: RowMeta, step: LayerStep | None) -> LayerStep | None:

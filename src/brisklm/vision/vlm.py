@@ -17,8 +17,9 @@ from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGener
 
 from brisklm.core.executor import execute
 from brisklm.core.plan import Plan
+from brisklm.core.text import as_text_layer
 from brisklm.errors import BriskError
-from brisklm.tasks.tokenizer import build_word_tokenizer, encode_words
+from brisklm.tasks.tokenizer import build_word_tokenizer
 
 IMAGE_TOKEN = "<image>"
 SYSTEM_PROMPT = "look at the picture"  # a short fixed prefix before the image, like LLaVA's system prompt
@@ -92,13 +93,19 @@ class VLMBatch:
     position_ids: torch.Tensor
     pixel_values: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "VLMBatch":
+        """The same batch with every tensor on `device` (a no-op where they already are)."""
+        return VLMBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                                  self.pixel_values)))
+
 
 class VLMProcessor:
     """Turns (image, question) pairs into model inputs: `<bos> system <image>*N question <sep>`."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, config: LlavaConfig) -> None:
-        """Read the image token id and image-token count from the model config."""
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, config: LlavaConfig,
+                 device: torch.device | str = "cpu") -> None:
+        """Read the image token id and image-token count from the model config; batches are made on `device`."""
+        self.tokenizer, self.device = tokenizer, torch.device(device)
         self.image_token_id = int(config.image_token_id)
         self.image_size = int(config.vision_config.image_size)
         self.tokens_per_image = image_tokens_per_image(config)
@@ -108,28 +115,28 @@ class VLMProcessor:
 
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of one prompt with the image placeholder expanded."""
-        head = [self.tokenizer.bos_token_id, *encode_words(self.tokenizer, SYSTEM_WORDS)]
-        return [*head, *([self.image_token_id] * self.tokens_per_image),
-                *encode_words(self.tokenizer, question.split()), self.tokenizer.sep_token_id]
+        text = as_text_layer(self.tokenizer)  # [bos] system, the images, the question, then the plain separator
+        return [*text.text_ids(" ".join(SYSTEM_WORDS)), *([self.image_token_id] * self.tokens_per_image),
+                *text.encode(question), *text.separator_ids]
 
     def answer_ids(self, answer: str) -> list[int]:
-        return [*encode_words(self.tokenizer, answer.split()), self.tokenizer.eos_token_id]
+        """An answer's ids closed by the primary eos id."""
+        text = as_text_layer(self.tokenizer)
+        return [*text.encode(answer), text.roles.eos_id]
 
     def __call__(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> VLMBatch:
         """Left-padded batch (the last column is every prompt's last token), positions counting real tokens."""
         if len(images) != len(questions):
             raise BriskError(f"got {len(images)} images but {len(questions)} questions; pass one image per question")
         rows = [self.prompt_ids(q) for q in questions]
-        return self.pad(rows, torch.stack([image_to_pixels(im, self.image_size) for im in images]))
+        return self.pad(rows, torch.stack([image_to_pixels(im, self.image_size) for im in images]).to(self.device))
 
     def pad(self, rows: list[list[int]], pixel_values: torch.Tensor) -> VLMBatch:
         length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r):] = torch.tensor(r)
-            mask[i, length - len(r):] = 1
-        return VLMBatch(ids, mask, positions_from_mask(mask), pixel_values)
+        pad = as_text_layer(self.tokenizer).roles.pad_id
+        ids = torch.tensor([[pad] * (length - len(r)) + list(r) for r in rows], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=self.device)
+        return VLMBatch(ids, mask, positions_from_mask(mask), pixel_values.to(self.device))
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -171,6 +178,7 @@ def embed_multimodal(model: LlavaForConditionalGeneration, input_ids: torch.Tens
 def prefill_logits(model: LlavaForConditionalGeneration, batch: VLMBatch, plan: Plan | None = None,
                    flops=None) -> torch.Tensor:
     """Last-position logits (B, V) of the prompts through the core executor (dense when plan is None)."""
+    batch = batch.to(model.device)
     embeds = embed_multimodal(model, batch.input_ids, batch.pixel_values)
     plan = plan or Plan()
     if plan.position_ids is None:
@@ -190,22 +198,22 @@ class LoadedVLM:
     quality: dict | None
 
 
-def load_vlm(name_or_path: str, seed: int = 0) -> LoadedVLM:
-    """Load a LLaVA checkpoint folder or a vision zoo name (trained on first use)."""
-    from transformers import AutoTokenizer
+def load_vlm(name_or_path: str, seed: int = 0, device: str = "auto", dtype: str = "auto") -> LoadedVLM:
+    """Load a LLaVA checkpoint folder or a vision zoo name (trained on first use) on `device` in `dtype`."""
+    from brisklm.core.device import model_device, resolve_device
+    from brisklm.zoo.store import check_eos, load_tokenizer, place, read_quality, resolve
 
-    from brisklm.zoo.store import read_quality, resolve
-
+    resolve_device(device)  # a missing device fails before any training or loading
     path = resolve(name_or_path, seed)
     try:
         model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
     except (ValueError, OSError, KeyError) as error:
         raise BriskError(f"cannot load {path} as a LLaVA model: {str(error).splitlines()[0]}") from None
-    if not (path / "tokenizer.json").exists():
-        raise BriskError(f"{path} has no tokenizer.json; save the tokenizer beside the model with save_pretrained")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = load_tokenizer(path)
+    check_eos(model, tokenizer, path)
+    model = place(model, path, device, dtype)
     model.eval()
-    return LoadedVLM(model, VLMProcessor(tokenizer, model.config), path, read_quality(path))
+    return LoadedVLM(model, VLMProcessor(tokenizer, model.config, model_device(model)), path, read_quality(path))
 
 
 def new_tiny_llava(tokenizer: PreTrainedTokenizerFast, seed: int, **config_kw) -> LlavaForConditionalGeneration:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from brisklm.core.device import add_device_args
 from brisklm.errors import BriskError
 from brisklm.zoo.registry import get_recipe, recipes
 from brisklm.zoo.store import is_trained, read_quality, train, zoo_path
@@ -57,4 +58,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--all", action="store_true", help="train every zoo model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain even if a trained copy exists")
+    add_device_args(p, training=True)
     p.set_defaults(func=cmd_train)

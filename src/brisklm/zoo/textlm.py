@@ -1,6 +1,7 @@
 """Prompt/completion language modelling on word-level tasks: sequences, collator, Trainer loop, greedy decoding.
 
-A sequence is `<bos> prompt <sep> completion <eos>`; the loss covers the completion and `<eos>` only.
+A sequence is `<bos> prompt <sep> completion <eos>` on the zoo's word-level tokenizer (a checkpoint's chat frame
+and end-of-turn token elsewhere; see `brisklm.core.text`); the loss covers the completion and its end token only.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 
+from brisklm.core.device import trainer_precision
+from brisklm.core.generate import generate
+from brisklm.core.text import TextLayer, as_text_layer
 from brisklm.tasks.base import Example
-from brisklm.tasks.tokenizer import encode_words
 
 IGNORE = -100
 
@@ -32,21 +35,25 @@ class TrainOptions:
     log_every: int = 100
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
-    """`<bos> prompt <sep>` as ids: what the model sees before it writes the completion."""
-    return [tokenizer.bos_token_id, *encode_words(tokenizer, prompt.split()), tokenizer.sep_token_id]
+Text = PreTrainedTokenizerFast | TextLayer  # a tokenizer (its default text layer) or a text layer built for the model
 
 
-def encode_example(tokenizer: PreTrainedTokenizerFast, example: Example) -> dict[str, list[int]]:
-    """input_ids and labels (-100 on the prompt) for one example."""
-    head = prompt_ids(tokenizer, example.prompt)
-    tail = [*encode_words(tokenizer, example.completion.split()), tokenizer.eos_token_id]
+def prompt_ids(tokenizer: Text, prompt: str) -> list[int]:
+    """What the model sees before it writes the completion: `<bos> prompt <sep>` on the zoo, else its chat frame."""
+    return as_text_layer(tokenizer).prompt_ids(prompt)
+
+
+def encode_example(tokenizer: Text, example: Example) -> dict[str, list[int]]:
+    """input_ids and labels (-100 on the prompt) for one example: the completion ends with `<eos>` / end of turn."""
+    text = as_text_layer(tokenizer)
+    head = text.prompt_ids(example.prompt)
+    tail = text.completion_ids(example.completion)
     return {"input_ids": head + tail, "labels": [IGNORE] * len(head) + tail}
 
 
-def encode_plain_text(tokenizer: PreTrainedTokenizerFast, text: str) -> dict[str, list[int]]:
-    """A plain LM sequence `<bos> text <eos>` with loss on every predicted token."""
-    ids = [tokenizer.bos_token_id, *encode_words(tokenizer, text.split()), tokenizer.eos_token_id]
+def encode_plain_text(tokenizer: Text, text: str) -> dict[str, list[int]]:
+    """A plain LM sequence `[<bos>] text <eos>` with loss on every predicted token."""
+    ids = as_text_layer(tokenizer).plain_ids(text)
     return {"input_ids": ids, "labels": [IGNORE] + ids[1:]}
 
 
@@ -70,7 +77,13 @@ class PadCollator:
 
 
 def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArguments:
-    """CPU, deterministic, no checkpoints or external loggers: a zoo run leaves only the final model."""
+    """Deterministic, no checkpoints or external loggers: a zoo run leaves only the final model.
+
+    The device is `--device` (auto: a GPU when there is one) and `--dtype` the mixed precision
+    (`core.device.trainer_precision`); `accelerate launch` / torchrun run it data-parallel unchanged. On a machine
+    without an accelerator `use_cpu` must be set: only then does accelerate join the ranks into one gloo job
+    (MULTI_CPU); without it each rank would train alone (tests/test_distributed.py).
+    """
     return TrainingArguments(
         output_dir=output_dir,
         max_steps=options.steps,
@@ -84,21 +97,21 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
         report_to=[],
         seed=options.seed,
         data_seed=options.seed,
-        use_cpu=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        **trainer_precision(),  # use_cpu on a CPU-only machine (see the docstring)
         disable_tqdm=not sys.stderr.isatty(),  # bars on a terminal, none in CI logs
     )
 
 
-def train_lm(model, tokenizer: PreTrainedTokenizerFast, features: list[dict], options: TrainOptions,
+def train_lm(model, tokenizer: Text, features: list[dict], options: TrainOptions,
              output_dir: str, collator=None) -> dict[str, float]:
     """Fit `model` on encoded features with transformers.Trainer; returns the final training loss and time."""
     trainer = Trainer(
         model=model,
         args=training_arguments(options, output_dir),
         train_dataset=features,
-        data_collator=collator or PadCollator(tokenizer.pad_token_id),
+        data_collator=collator or PadCollator(as_text_layer(tokenizer).roles.pad_id),
     )
     result = trainer.train()
     model.eval()
@@ -106,28 +119,26 @@ def train_lm(model, tokenizer: PreTrainedTokenizerFast, features: list[dict], op
 
 
 @torch.no_grad()
-def greedy_complete(model, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str], max_new_tokens: int,
+def greedy_complete(model, tokenizer: Text, prompts: Sequence[str], max_new_tokens: int,
                     batch_size: int = 64) -> list[str]:
     """Greedy completions (text up to `<eos>`) for many prompts, batched with left padding and a KV cache."""
     model.eval()
     outputs: list[str] = []
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    text = as_text_layer(tokenizer)
+    eos, pad = list(text.roles.eos_ids), text.roles.pad_id
     for start in range(0, len(prompts), batch_size):
-        chunk = [prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        chunk = [text.prompt_ids(p) for p in prompts[start:start + batch_size]]
         length = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), length), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, c in enumerate(chunk):
             ids[i, length - len(c):] = torch.tensor(c)
             mask[i, length - len(c):] = 1
-        generated = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=eos, pad_token_id=pad,
-        )[:, length:]
+        ids, mask = ids.to(model.device), mask.to(model.device)  # filled on the host, moved once
+        generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=pad)[:, length:]
         for row in generated.tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            outputs.append(" ".join(tokenizer.convert_ids_to_tokens(row)))
+            outputs.append(text.decode(text.cut_at_eos(row)[0]).strip())
     return outputs
 
 
@@ -138,7 +149,7 @@ def token_losses(model, features: list[dict], pad_id: int, batch_size: int = 64)
     out: list[list[float]] = []
     for start in range(0, len(features), batch_size):
         chunk = features[start:start + batch_size]
-        batch = collate(chunk)
+        batch = {k: v.to(model.device) for k, v in collate(chunk).items()}  # the collator fills on the host
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"]
         losses = torch.nn.functional.cross_entropy(
