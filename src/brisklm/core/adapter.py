@@ -242,6 +242,15 @@ class ModelAdapter:
             out.append(y.transpose(1, 2))
         return tuple(out)
 
+    def module_name(self, name: str) -> str:
+        """The family's name for a projection given by its unfused name: q/k/v_proj -> the fused qkv projection,
+        gate/up_proj -> the fused gate_up projection where the family fuses them (e.g. LoRA target modules)."""
+        if name in ("q_proj", "k_proj", "v_proj") and self.recipe.fused_qkv is not None:
+            return self.recipe.fused_qkv
+        if name in ("gate_proj", "up_proj") and self.recipe.fused_gate_up is not None:
+            return self.recipe.fused_gate_up
+        return name
+
     def attn_output(self, layer_idx: int, context: torch.Tensor) -> torch.Tensor:
         """Attention context (B, T, H*hd) -> what the layer adds to the residual (o_proj, then any post-norm)."""
         layer = self.layers[layer_idx]

@@ -136,6 +136,12 @@ def train_routers(model, tokenizer, features: list[dict], opts: SkipGPTOptions) 
     return routers.eval(), {**stats, "stage": "routers", "steps": opts.router_steps}
 
 
+def lora_target_modules(model, names: tuple[str, ...]) -> list[str]:
+    """LoRA target module names in the model's family (Phi3: q/v_proj -> qkv_proj, gate_proj -> gate_up_proj)."""
+    adapter = ModelAdapter.from_model(model)
+    return list(dict.fromkeys(adapter.module_name(name) for name in names))
+
+
 def train_lora(model, tokenizer, features: list[dict], routers: RouterSet, opts: SkipGPTOptions):
     """Stage 2: LoRA on the backbone with frozen routers (argmax routing); returns the merged model."""
     from peft import LoraConfig, get_peft_model
@@ -144,7 +150,7 @@ def train_lora(model, tokenizer, features: list[dict], routers: RouterSet, opts:
         p.requires_grad_(False)
     routed_base = model
     config = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                        target_modules=list(opts.lora_targets), task_type="CAUSAL_LM")
+                        target_modules=lora_target_modules(model, opts.lora_targets), task_type="CAUSAL_LM")
     peft_model = get_peft_model(routed_base, config)
     routing = GatedRouting(routed_base, routers, mode="argmax")
     wrapper = _PeftRouted(peft_model, routing)

@@ -78,7 +78,7 @@ def last_token_attention(adapter: ModelAdapter, layer_idx: int, hidden: torch.Te
     """
     x = adapter.attn_input(layer_idx, hidden)
     (q,) = adapter.project(layer_idx, x[:, -1:], "q")
-    k, v = adapter.project(layer_idx, x, "kv")  # (B, H, T, hd) each, before rotary
+    k, v = adapter.project(layer_idx, x, "kv")  # (B, H_kv, T, hd) each, before rotary
     cos, sin = adapter.rotary(hidden, meta["position"], layer_idx)
     q = adapter.rotate(q, cos[:, -1:], sin[:, -1:])
     k = adapter.rotate(k, cos, sin)
