@@ -49,6 +49,7 @@ class OPSFTConfig:
     keep: str = "all_correct"
     stop_kept_fraction: float | None = None  # stop when this fraction of samples is kept (all correct and short)
     seed: int = 0
+    generation_config: Any = None  # a GenerationConfig whose sampling settings replace plain sampling at `temperature`
 
     def check(self) -> None:
         """Reject settings that cannot run, with the fix in the message."""
@@ -76,7 +77,8 @@ def on_policy_sft(model, tokenizer, examples: Sequence[Any], verifier: Verifier,
         idx = torch.randint(len(examples), (config.prompts_per_round,), generator=gen).tolist()
         chosen = [examples[i] for i in idx]
         batch = sample_rollouts(model, tokenizer, [prompt_of(e) for e in chosen], config.samples, config.budget,
-                                config.temperature, seed=config.seed * 100003 + r)
+                                config.temperature, seed=config.seed * 100003 + r,
+                                generation_config=config.generation_config)
         keep = keep_mask(batch, chosen, verifier, config.budget, config.keep)
         loss = driver.step(batch.features(keep))
         record = {"round": r, "kept": sum(keep), "sampled": len(keep), "loss": loss,
