@@ -24,7 +24,7 @@ from brisklm.reasoning.opsft import OPSFTConfig, on_policy_sft
 from brisklm.reasoning.verifiers import make_verifier
 from brisklm.reasoning.zoo import TASK_OPTIONS
 from brisklm.tasks.cot_arithmetic import CotArithmeticTask, is_correct
-from brisklm.zoo.store import load
+from brisklm.zoo.store import load, load_tokenizer, resolve
 
 
 SAMPLING = ("pure", "model")
@@ -66,7 +66,7 @@ def _sampling(loaded, args: argparse.Namespace):
     if args.sampling not in SAMPLING:
         raise BriskError(f"unknown --sampling {args.sampling!r}: use pure (temperature only) or model "
                          "(the checkpoint's generation_config: top_k, top_p, temperature)")
-    if args.sampling == "pure":
+    if args.sampling == "pure" or loaded is None:
         return None
     config = copy.deepcopy(loaded.model.generation_config)
     config.do_sample = True
@@ -89,10 +89,11 @@ def cmd_opsft(args: argparse.Namespace) -> int:
     config = OPSFTConfig(budget=args.budget, samples=args.samples, rounds=args.rounds, prompts_per_round=args.prompts,
                          temperature=args.temperature, learning_rate=args.lr, keep=args.keep, seed=args.seed)
     config.check()
+    _sampling(None, args)  # bad data and options fail before any loading
+    train, test, verifier = _data(args, 2000 if not args.data else 10**9, args.eval)
     loaded = load(args.model, **device_kwargs(args))
     text = _text(loaded, args)
     config.generation_config = _sampling(loaded, args)
-    train, test, verifier = _data(args, 2000 if not args.data else 10**9, args.eval)
     budgets = sorted({max(2, args.budget // 2), args.budget, args.max_new_tokens})
     evaluate = lambda: evaluate_rollouts(loaded.model, text, test, verifier, 1, args.max_new_tokens,
                                          args.temperature, budgets, seed=args.seed,
@@ -125,11 +126,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     config.check()
     if args.curriculum not in (None, "entropy"):
         raise BriskError(f"unknown --curriculum {args.curriculum!r}: the only curriculum is 'entropy'")
+    _sampling(None, args)  # bad data and options fail before any loading
+    train, test, verifier = _data(args, 2000 if not args.data else 10**9, args.eval)
+    check_shared_tokenizer(load_tokenizer(resolve(args.teacher)), load_tokenizer(resolve(args.student)))
     teacher, student = load(args.teacher, **device_kwargs(args)), load(args.student, **device_kwargs(args))
-    check_shared_tokenizer(teacher.tokenizer, student.tokenizer)
     text = _text(student, args)
     config.generation_config = _sampling(student, args)
-    train, test, verifier = _data(args, 2000 if not args.data else 10**9, args.eval)
     schedule = EntropyGatedCurriculum(stages=curriculum_stages(args.max_new_tokens)) if args.curriculum else None
     evaluate = lambda: evaluate_rollouts(student.model, text, test, verifier, 4, args.max_new_tokens,
                                          1.0, k=4, seed=args.seed, with_entropy=True,
@@ -160,10 +162,10 @@ def cmd_latent(args: argparse.Namespace) -> int:
     config.check()
     if args.stage0_steps < 0 or args.train < 1 or args.eval < 1:
         raise BriskError("--stage0-steps must be >= 0 and --train, --eval >= 1")
+    train, test, verifier = _data(args, args.train, args.eval, need_steps=True)  # bad data fails before loading
     loaded = load(args.model, **device_kwargs(args))
     model, tok = loaded.model, loaded.tokenizer
     text = _text(loaded, args)
-    train, test, verifier = _data(args, args.train, args.eval, need_steps=True)
     if args.stage0_steps:
         _report("explicit CoT before stage 0", evaluate_explicit(model, text, test, verifier))
         train_explicit(model, text, train, args.stage0_steps, args.batch_size, args.lr or 1e-3, args.seed)
