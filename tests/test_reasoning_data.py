@@ -239,3 +239,65 @@ def test_cli_distill_refuses_a_student_with_another_tokenizer(fixture_checkpoint
                  str(fixture_checkpoints("gemma2")), "--data", data_file, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "tokenizers differ" in err and err.count("\n") == 1
+
+
+def test_internalization_and_pause_read_the_steps_of_user_data(fixture_checkpoints):
+    from brisklm.core.text import as_text_layer
+    from brisklm.reasoning.latent import (
+        PAUSE, add_latent_tokens, cot_of_example, internalize_features, pause_features,
+    )
+
+    loaded = _loaded(fixture_checkpoints("phi3"))
+    add_latent_tokens(loaded.model, loaded.tokenizer)
+    text = as_text_layer(loaded.tokenizer)
+    example = ReasoningExample("What is 4 + 5 + 6?", "15", ("4 + 5 = 9", "9 + 6 = 15"))
+    cot = cot_of_example(example)
+    assert cot.steps == (("4", "+", "5", "=", "9"), ("9", "+", "6", "=", "15")) and cot.tail == ("15",)
+
+    def supervised(feature):
+        return [t for t in feature["labels"] if t != -100]
+
+    for removed, words in ((0, "4 + 5 = 9 9 + 6 = 15 15"), (5, "9 + 6 = 15 15"), (99, "15")):
+        assert supervised(internalize_features(loaded.tokenizer, cot, removed)) == text.encode(words) + [text.end_id]
+    pause = pause_features(loaded.tokenizer, cot, pauses=3, stage=1)
+    pause_id = loaded.tokenizer.convert_tokens_to_ids(PAUSE)
+    assert pause["input_ids"].count(pause_id) == 3 and supervised(pause) == text.encode("9 + 6 = 15 15") + [text.end_id]
+
+
+@pytest.mark.parametrize("method", ["pause", "internalize"])
+def test_cli_latent_other_methods_with_eval_data(method, fixture_checkpoints, data_file, tmp_path, capsys):
+    eval_file = _write(tmp_path / "e.jsonl", _arith_rows(3))
+    out = _run(["reason", "latent", "--method", method, "--model", str(fixture_checkpoints("llama3")),
+                "--data", data_file, "--eval-data", eval_file, "--stage0-steps", "0", "--stages", "1",
+                "--steps-per-stage", "1", "--batch-size", "4", "--device", "cpu", "--remove-per-stage", "5",
+                "--pauses", "2"], capsys)
+    assert f"{method} stage 1" in out and '"samples": 3' in out and "no --eval-data" not in out
+
+
+@pytest.mark.parametrize("prefix, kl", [("teacher", "forward"), ("teacher", "reverse"), ("student", "forward"),
+                                        ("student", "reverse")])
+def test_cli_distill_every_objective_on_user_data(prefix, kl, fixture_checkpoints, data_file, capsys, tmp_path):
+    from brisklm.testing.checkpoints import build_checkpoint
+
+    student = build_checkpoint("qwen2", tmp_path / "student", seed=2)
+    out = _run(["reason", "distill", "--teacher", str(fixture_checkpoints("qwen2")), "--student", str(student),
+                "--data", data_file, "--rounds", "1", "--prompts", "2", "--samples", "1", "--max-new-tokens", "6",
+                "--eval", "2", "--prefix", prefix, "--kl", kl, "--device", "cpu", "--verifier", "exact"], capsys)
+    assert "student after" in out
+
+
+def test_sampling_from_the_checkpoint_generation_config(fixture_checkpoints):
+    from transformers import GenerationConfig
+
+    from brisklm.reasoning.rollout import sample_rollouts
+
+    loaded = _loaded(fixture_checkpoints("qwen2"))
+    greedy = GenerationConfig(do_sample=False)
+    one = sample_rollouts(loaded.model, loaded.tokenizer, ["What is 2 + 3?"] * 3, 2, 6, seed=0, generation_config=greedy)
+    two = sample_rollouts(loaded.model, loaded.tokenizer, ["What is 2 + 3?"] * 3, 2, 6, seed=9, generation_config=greedy)
+    assert len({tuple(r.completion_ids) for r in one.rollouts + two.rollouts}) == 1  # greedy: its settings were used
+    top1 = GenerationConfig(do_sample=True, top_k=1, temperature=5.0)
+    hot = sample_rollouts(loaded.model, loaded.tokenizer, ["What is 2 + 3?"] * 3, 2, 6, seed=1, generation_config=top1)
+    assert [r.completion_ids for r in hot.rollouts] == [r.completion_ids for r in one.rollouts]  # top_k=1 is greedy
+    plain = sample_rollouts(loaded.model, loaded.tokenizer, ["What is 2 + 3?"] * 3, 2, 6, seed=1, temperature=5.0)
+    assert len({tuple(r.completion_ids) for r in plain.rollouts}) > 1  # plain sampling at T=5 varies
