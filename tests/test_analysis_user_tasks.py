@@ -150,7 +150,7 @@ def test_lens_shows_readable_subword_tokens(fixture_checkpoints, capsys):
 
     for style in ("qwen2", "mistral"):
         assert main(["analyze", "lens", "--model", str(fixture_checkpoints(style)), "--prompt", "The quick brown fox",
-                     "--no-chat-template", "-k", "3", "--device", "cpu"]) == 0
+                     "--no-chat-template", "-k", "3", "--device", "cpu", "--tokens"]) == 0
         out = capsys.readouterr().out
         tokens = out.splitlines()[0]
         assert "␣quick" in tokens and "␣brown" in tokens and "Ġ" not in out and "▁" not in out, out
@@ -186,7 +186,8 @@ def test_cli_pir_icl_lens_on_user_tasks(style, fixture_checkpoints, tasks_file, 
     assert {(r["quadrant"], r["shots"]) for r in figures["shots"]} == {("Q2", 1), ("Q3", 1), ("Q3", 8)}  # 8 > things' 7
     out = _run(["analyze", "lens", "--model", model, "--prompt", "a great film -> positive ; boring talk ->",
                 "--device", "cpu"], capsys)
-    assert "tokens:" in out and " L3:" in out
+    assert [line.split(":")[0].strip() for line in out.splitlines()] == ["emb", "L1", "L2", "L3"]
+    assert "Ġ" not in out and "▁" not in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -115,9 +115,10 @@ def cmd_lens(args: argparse.Namespace) -> int:
         raise BriskError(f"--position {args.position} is outside the prompt's {len(ids)} tokens")
     tops = lens_top_tokens(loaded.model, loaded.tokenizer, args.prompt, k=args.k, position=args.position, text=text,
                            readable=True)
-    print("tokens: " + " ".join(f"[{readable_token(text, i)}]" if k == pos else readable_token(text, i)
-                                for k, i in enumerate(ids)))
-    print(f"position {pos} of {len(ids)} ([...] above); top {args.k} next tokens per layer ('␣' = a leading space):")
+    if args.tokens:
+        print("tokens: " + " ".join(f"[{readable_token(text, i)}]" if k == pos else readable_token(text, i)
+                                    for k, i in enumerate(ids)))
+        print(f"position {pos} of {len(ids)} (in [...]); top {args.k} next tokens per layer, '␣' = a leading space:")
     for layer, top in enumerate(tops):
         name = "emb" if layer == 0 else f"L{layer}"
         print(f"{name:>4}: " + "  ".join(f"{w} {p:.3f}" for w, p in top))
@@ -163,4 +164,6 @@ def add_commands(subparsers) -> None:
                    help="token position (0 = first token, <bos> if any; negative counts from the end)")
     add_text_args(p)
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--tokens", action="store_true",
+                   help="first print the prompt's tokens as read (decoded, '␣' = a leading space) and mark the position")
     p.set_defaults(func=cmd_lens)
