@@ -301,3 +301,31 @@ def test_sampling_from_the_checkpoint_generation_config(fixture_checkpoints):
     assert [r.completion_ids for r in hot.rollouts] == [r.completion_ids for r in one.rollouts]  # top_k=1 is greedy
     plain = sample_rollouts(loaded.model, loaded.tokenizer, ["What is 2 + 3?"] * 3, 2, 6, seed=1, temperature=5.0)
     assert len({tuple(r.completion_ids) for r in plain.rollouts}) > 1  # plain sampling at T=5 varies
+
+
+def test_external_rollouts_are_filtered_like_on_policy_samples(fixture_checkpoints, tmp_path, capsys):
+    from brisklm.core.text import as_text_layer
+    from brisklm.reasoning.data import load_rollouts
+    from brisklm.reasoning.opsft import rollout_features
+
+    loaded = _loaded(fixture_checkpoints("llama3"))
+    text = as_text_layer(loaded.tokenizer)
+    rows = [{"question": "What is 2 + 3?", "answer": "5", "completion": "2 + 3 = 5, so 5"},          # kept
+            {"question": "What is 2 + 3?", "answer": "5", "completion": "2 + 3 = 6, so 6"},          # wrong
+            {"question": "What is 2 + 3?", "answer": "5", "completion": "so 5", "finished": False},  # cut off
+            {"prompt": "What is 1 + 1?", "answer": "2", "completion": "one plus one is two, which is 2 " * 3}]  # long
+    path = _write(tmp_path / "r.jsonl", rows)
+    rollouts = load_rollouts(path, make_verifier("numeric"))
+    budget = len(text.encode("2 + 3 = 5, so 5")) + 1  # exactly fits the first (the end token counts)
+    features, lengths = rollout_features(text, rollouts, make_verifier("numeric"), budget)
+    assert len(features) == 1 and lengths[0] == budget and lengths[3] > budget
+    head = text.prompt_ids("What is 2 + 3?")
+    assert features[0]["input_ids"] == head + text.encode("2 + 3 = 5, so 5") + [text.end_id]
+    assert features[0]["labels"][:len(head)] == [-100] * len(head)
+    assert len(rollout_features(text, rollouts, make_verifier("numeric"), budget - 1)[0]) == 0
+    with pytest.raises(BriskError, match="line 1: missing 'completion'"):
+        load_rollouts(_write(tmp_path / "bad.jsonl", [{"question": "q", "answer": "1"}]))
+    out = _run(["reason", "opsft", "--model", str(fixture_checkpoints("llama3")), "--rollouts", path,
+                "--eval-data", path, "--prompts", "1", "--samples", "2", "--rounds", "5", "--budget", str(budget),
+                "--max-new-tokens", "6", "--device", "cpu"], capsys)
+    assert "before: " in out and "after: " in out

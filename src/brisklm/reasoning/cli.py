@@ -16,11 +16,11 @@ from brisklm.errors import BriskError
 from tqdm.auto import tqdm
 
 from brisklm.reasoning.curriculum import EntropyGatedCurriculum
-from brisklm.reasoning.data import load_jsonl
+from brisklm.reasoning.data import load_jsonl, load_rollouts
 from brisklm.reasoning.distill import DistillConfig, check_shared_tokenizer, distill, parse_kl
 from brisklm.reasoning.evaluate import evaluate_rollouts
 from brisklm.reasoning.latent import LatentConfig, evaluate_explicit, evaluate_latent, train_explicit, train_latent
-from brisklm.reasoning.opsft import OPSFTConfig, on_policy_sft
+from brisklm.reasoning.opsft import OPSFTConfig, on_policy_sft, sft_on_rollouts
 from brisklm.reasoning.verifiers import make_verifier
 from brisklm.reasoning.zoo import TASK_OPTIONS
 from brisklm.tasks.cot_arithmetic import CotArithmeticTask, is_correct
@@ -41,7 +41,8 @@ def _task_data(n_train: int, n_eval: int, seed: int):
 def _data(args: argparse.Namespace, n_train: int, n_eval: int, need_steps: bool = False):
     """(train, eval, verifier): `--data` / `--eval-data` JSONL with `--verifier` (default numeric), else the
     built-in cot_arithmetic task with its own answer check (or `--verifier` when given)."""
-    verifier = make_verifier(args.verifier) if args.verifier else (make_verifier("numeric") if args.data else is_correct)
+    user = args.data or getattr(args, "rollouts", None)
+    verifier = make_verifier(args.verifier) if args.verifier else (make_verifier("numeric") if user else is_correct)
     if args.data:
         train = load_jsonl(args.data, verifier, need_steps)[:n_train]
     else:
@@ -91,6 +92,7 @@ def cmd_opsft(args: argparse.Namespace) -> int:
     config.check()
     _sampling(None, args)  # bad data and options fail before any loading
     train, test, verifier = _data(args, 2000 if not args.data else 10**9, args.eval)
+    rollouts = load_rollouts(args.rollouts, verifier) if args.rollouts else None
     loaded = load(args.model, **device_kwargs(args))
     text = _text(loaded, args)
     config.generation_config = _sampling(loaded, args)
@@ -105,7 +107,10 @@ def cmd_opsft(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(kept=f"{rec['kept']}/{rec['sampled']}", length=f"{rec['mean_length']:.1f}")
 
-    on_policy_sft(loaded.model, text, train, verifier, config, on_round=on_round)
+    if rollouts is not None:
+        sft_on_rollouts(loaded.model, text, rollouts, verifier, config, on_round=on_round)
+    else:
+        on_policy_sft(loaded.model, text, train, verifier, config, on_round=on_round)
     bar.close()
     _report("after", evaluate())
     _save(loaded.model, loaded.tokenizer, args.out)
@@ -221,6 +226,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder to save the trained model")
     _data_args(p)
+    p.add_argument("--rollouts", help="train on rollouts generated elsewhere (e.g. vLLM) instead of sampling: JSONL "
+                                      "with 'question' (or 'prompt'), 'answer', 'completion' and optional 'finished'; "
+                                      "each round filters the next --prompts x --samples lines")
     _sampling_arg(p)
     add_device_args(p, training=True)
     p.set_defaults(func=cmd_opsft)

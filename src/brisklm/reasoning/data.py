@@ -86,3 +86,33 @@ def load_jsonl(path: str | Path, verifier: Callable | None = None, need_steps: b
 def prompts_of(examples: Sequence[Any]) -> list[str]:
     """The prompts of examples (built-in task examples or ReasoningExamples)."""
     return [e.prompt for e in examples]
+
+
+@dataclass
+class ExternalRollout:
+    """A completion generated outside brisklm (e.g. by vLLM) for one question: what On-Policy SFT filters."""
+
+    example: ReasoningExample
+    completion: str
+    finished: bool = True  # False when the engine stopped at its length limit (finish_reason "length")
+
+
+def load_rollouts(path: str | Path, verifier: Callable | None = None) -> list[ExternalRollout]:
+    """Read JSONL rollouts: `question` (or `prompt`), `answer`, `completion` and optional `finished` (default true).
+
+    The same checks as `load_jsonl`, plus a string `completion` on every line (empty is allowed: an empty answer).
+    """
+    path = Path(path)
+    examples = load_jsonl(path, verifier)
+    out: list[ExternalRollout] = []
+    with path.open(encoding="utf-8") as handle:
+        records = [(n, json.loads(line)) for n, line in enumerate(handle, start=1) if line.strip()]
+    for example, (number, record) in zip(examples, records):
+        where = f"{path}, line {number}"
+        if not isinstance(record.get("completion"), str):
+            raise BriskError(f"{where}: missing 'completion' (the generated text to filter and train on)")
+        finished = record.get("finished", True)
+        if not isinstance(finished, bool):
+            raise BriskError(f"{where}: 'finished' must be true or false")
+        out.append(ExternalRollout(example, record["completion"], finished))
+    return out
