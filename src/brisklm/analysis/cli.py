@@ -13,6 +13,8 @@ from brisklm.errors import BriskError
 from brisklm.eval.progress import progress
 
 DEFAULT_MODEL = "icl-lm"
+TASKS_HELP = ("JSON list of your own tasks: {\"name\", \"task_word\", \"labels\": [...], \"recognisable\": true|false, "
+              "\"examples\": [{\"input\", \"label\"}]} (labels scored by whole-label log-probability)")
 
 
 # What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
@@ -29,21 +31,39 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _user_tasks(args: argparse.Namespace):
+    """The tasks of --tasks FILE (checked before the model loads), or None for the built-in tasks."""
+    from brisklm.analysis.user_tasks import load_tasks
+
+    return load_tasks(args.tasks) if getattr(args, "tasks", None) else None
+
+
 def cmd_pir(args: argparse.Namespace) -> int:
     from brisklm.analysis.icl import pir_for_task
     from brisklm.analysis.pir import MODES
+    from brisklm.analysis.user_tasks import pick_task
 
     modes = MODES if args.mode == "both" else (args.mode,)
+    tasks = _user_tasks(args)
+    if tasks is None and args.task is None:
+        raise BriskError("choose a task: --task sentiment|category|sentiment_arbitrary|category_arbitrary, "
+                         "or --tasks FILE.json [--task NAME]")
+    task = pick_task(tasks, args.task) if tasks is not None else args.task
+    name = getattr(task, "name", task)
+    if tasks is not None and args.shots > task.max_shots:
+        raise BriskError(f"--shots {args.shots} needs {args.shots + 1} examples of task {name!r}, which has "
+                         f"{len(task.examples)}; add examples or lower --shots")
     loaded = _load(args)
-    res = pir_for_task(loaded.model, loaded.tokenizer, args.task, n=args.n, shots=args.shots,
+    res = pir_for_task(loaded.model, loaded.tokenizer, task, n=args.n, shots=args.shots,
                        with_similar=args.similar, seed=args.seed, batch_size=args.batch_size, modes=modes)
-    print(f"task {args.task}: {res.n} prompts, {res.shots} shots, accuracy {res.accuracy:.3f}")
+    scoring = "whole-label log-probability" if tasks is not None else "argmax over the vocabulary"
+    print(f"task {name}: {res.n} prompts, {res.shots} shots, accuracy {res.accuracy:.3f} ({scoring})")
     for mode in modes:
         curve = res.pir_curve(mode)
         layers = "  ".join(f"L{i + 1}={v:.3f}" for i, v in enumerate(curve))
         print(f"PIR[{mode}] = {res.pir_mean(mode):.3f}   mean inverse rank per layer: {layers}")
     if args.json:
-        payload = {"task": args.task, "accuracy": res.accuracy, "n": res.n, "shots": res.shots,
+        payload = {"task": name, "accuracy": res.accuracy, "n": res.n, "shots": res.shots,
                    "pir": {m: res.pir_mean(m) for m in modes}, "curves": {m: res.pir_curve(m) for m in modes}}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
@@ -55,9 +75,18 @@ def cmd_icl(args: argparse.Namespace) -> int:
     shot_counts = tuple(int(k) for k in args.shot_counts.split(",")) if args.shot_counts else ()
     if any(k < 1 or k > 11 for k in shot_counts):
         raise BriskError(f"--shot-counts must be integers in 1..11, got {args.shot_counts!r}")
+    tasks = _user_tasks(args)
+    if tasks is not None:
+        small = [t.name for t in tasks if args.shots > t.max_shots]
+        if small:
+            raise BriskError(f"--shots {args.shots} needs {args.shots + 1} examples per task; {small} have fewer: "
+                             "add examples or lower --shots")
+        for flag, quadrants in ((True, "Q1/Q2"), (False, "Q3/Q4")):
+            if not any(t.recognisable == flag for t in tasks):
+                print(f"note: no {'recognisable' if flag else 'arbitrary'} task in {args.tasks}: {quadrants} left out")
     loaded = _load(args)
     exp = run_icl_experiment(loaded.model, loaded.tokenizer, n=args.n, shots=args.shots, shot_counts=shot_counts,
-                             seed=args.seed, batch_size=args.batch_size, progress=progress)
+                             seed=args.seed, batch_size=args.batch_size, progress=progress, tasks=tasks)
     rows = exp.quadrant_rows()
     cols = list(rows[0])
     print("  ".join(cols))
@@ -76,14 +105,23 @@ def cmd_icl(args: argparse.Namespace) -> int:
 
 
 def cmd_lens(args: argparse.Namespace) -> int:
-    from brisklm.analysis.lens import lens_top_tokens
+    from brisklm.analysis.lens import lens_prompt_ids, lens_top_tokens, readable_token
 
     loaded = _load(args)
     text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
-    tops = lens_top_tokens(loaded.model, loaded.tokenizer, args.prompt, k=args.k, position=args.position, text=text)
+    ids = lens_prompt_ids(text, args.prompt)
+    pos = len(ids) + args.position if args.position < 0 else args.position
+    if not 0 <= pos < len(ids):
+        raise BriskError(f"--position {args.position} is outside the prompt's {len(ids)} tokens")
+    tops = lens_top_tokens(loaded.model, loaded.tokenizer, args.prompt, k=args.k, position=args.position, text=text,
+                           readable=True)
+    if args.tokens:
+        print("tokens: " + " ".join(f"[{readable_token(text, i)}]" if k == pos else readable_token(text, i)
+                                    for k, i in enumerate(ids)))
+        print(f"position {pos} of {len(ids)} (in [...]); top {args.k} next tokens per layer, '␣' = a leading space:")
     for layer, top in enumerate(tops):
         name = "emb" if layer == 0 else f"L{layer}"
-        print(f"{name:>4}: " + "  ".join(f"{w} {p:.2f}" for w, p in top))
+        print(f"{name:>4}: " + "  ".join(f"{w} {p:.3f}" for w, p in top))
     return 0
 
 
@@ -98,7 +136,9 @@ def add_commands(subparsers) -> None:
 
     p = sub.add_parser("pir", help="Peak Inverse Rank of one ICL task (both variants by default)")
     common(p)
-    p.add_argument("--task", required=True, help="sentiment, category, sentiment_arbitrary or category_arbitrary")
+    p.add_argument("--task", default=None, help="sentiment, category, sentiment_arbitrary or category_arbitrary; "
+                                                "with --tasks, the name of a task in that file")
+    p.add_argument("--tasks", help=TASKS_HELP)
     p.add_argument("--mode", choices=("both", "residual", "attn_contrib"), default="both")
     p.add_argument("--n", type=int, default=128, help="prompts to average over")
     p.add_argument("--shots", type=int, default=4)
@@ -112,6 +152,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--n", type=int, default=128, help="prompts per condition")
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--shot-counts", default="1,2,4,8", help="comma-separated shot sweep ('' to skip)")
+    p.add_argument("--tasks", help=TASKS_HELP)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="analysis-out", help="folder for icl.json and icl_coordinates.png")
     p.set_defaults(func=cmd_icl)
@@ -123,4 +164,6 @@ def add_commands(subparsers) -> None:
                    help="token position (0 = first token, <bos> if any; negative counts from the end)")
     add_text_args(p)
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--tokens", action="store_true",
+                   help="first print the prompt's tokens as read (decoded, '␣' = a leading space) and mark the position")
     p.set_defaults(func=cmd_lens)

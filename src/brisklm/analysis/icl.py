@@ -16,6 +16,7 @@ import torch
 
 from brisklm.analysis.lens import EncodedPrompts, decode_hidden, gather_positions, pad_right, run_recorded
 from brisklm.analysis.pir import MODES, PirResult, concat_results, pir_from_output
+from brisklm.analysis.user_tasks import UserTask, label_log_probs, task_examples
 from brisklm.core.adapter import ModelAdapter
 from brisklm.core.text import as_text_layer
 from brisklm.errors import BriskError
@@ -50,8 +51,9 @@ class IclBatch:
 
 
 def task_word(example: Example) -> str:
-    """The word naming an example's task: its input domain ('sentiment', 'category'), also for arbitrary labels."""
-    return TASK_SPECS[example.meta["task"]].domain
+    """The word naming an example's task: a user task's task_word, else the built-in input domain ('sentiment',
+    'category'), also for arbitrary labels."""
+    return example.meta.get("pir_word") or TASK_SPECS[example.meta["task"]].domain
 
 
 def encode_icl(tokenizer, examples: Sequence[Example], label_index: int = -1) -> IclBatch:
@@ -74,9 +76,9 @@ def encode_icl(tokenizer, examples: Sequence[Example], label_index: int = -1) ->
         queries.append(ends[e.meta["query_position"]])
         answers.append(e.completion.split()[0])
         tasks.append(task_word(e))
-        firsts.append(e.meta["demo_labels"][0])
+        firsts.append(e.meta["demo_labels"][0].split()[0])  # (a label's first word: labels may be several words)
         idx = e.meta.get("similar_index")
-        similar.append(None if idx is None else e.meta["demo_labels"][idx])
+        similar.append(None if idx is None else e.meta["demo_labels"][idx].split()[0])
     ids = lambda words: torch.tensor([text.first_token(w) for w in words], dtype=torch.long)  # noqa: E731
     sim = torch.tensor([-1 if w is None else text.first_token(w) for w in similar], dtype=torch.long)
     enc = pad_right(rows, text.roles.pad_id)
@@ -117,6 +119,7 @@ class ConditionResult:
     first_label_rate: float
     in_label_space: float
     pir: dict[str, PirResult] = field(default_factory=dict)
+    recognisable: bool | None = None  # whether every prompt's task is recognisable (None: a mix)
 
     def pir_mean(self, mode: str) -> float | None:
         return self.pir[mode].mean_pir() if mode in self.pir else None
@@ -125,37 +128,63 @@ class ConditionResult:
         return self.pir[mode].mean_curve() if mode in self.pir else None
 
 
+def _is_user(tasks: Sequence) -> bool:
+    return any(isinstance(t, UserTask) for t in tasks)
+
+
 @torch.no_grad()
-def evaluate_condition(model, tokenizer, tasks: Sequence[str], shots: int = 4, with_similar: bool = False,
+def evaluate_condition(model, tokenizer, tasks: Sequence, shots: int = 4, with_similar: bool = False,
                        mislabel_similar: bool = False, n: int = 64, seed: int = 0, batch_size: int = 64,
                        modes: Sequence[str] = MODES, rule_seed: int = 0) -> ConditionResult:
-    """Sample n test prompts of one condition and measure accuracy, copying, first-label bias and PIR, batched."""
+    """Sample n test prompts of one condition and measure accuracy, copying, first-label bias and PIR, batched.
+
+    tasks: built-in task names (prediction = argmax over the whole vocabulary, compared with the label's first
+    token) or `UserTask`s from a tasks file (prediction = the label with the highest whole-label log-probability,
+    see `brisklm.analysis.user_tasks`).
+    """
     if n < 1 or batch_size < 1:
         raise BriskError(f"n and batch_size must be >= 1 (got n={n}, batch_size={batch_size})")
-    task = IclTask(tuple(tasks), shots=shots, with_similar=with_similar, mislabel_similar=mislabel_similar,
-                   rule_seed=rule_seed)
-    examples = task.examples("test", n, seed=seed)
-    preds, answers, firsts, similar, spaces, parts = [], [], [], [], [], {m: [] for m in modes}
+    user = _is_user(tasks)
+    if user:
+        examples = task_examples(tasks, n, shots, with_similar, mislabel_similar, seed)
+    else:
+        task = IclTask(tuple(tasks), shots=shots, with_similar=with_similar, mislabel_similar=mislabel_similar,
+                       rule_seed=rule_seed)
+        examples = task.examples("test", n, seed=seed)
+    text = as_text_layer(tokenizer)
+    correct, copies, firsts, spaces, parts = [], [], [], [], {m: [] for m in modes}
     for start in range(0, n, batch_size):
         chunk = examples[start:start + batch_size]
         batch = encode_icl(tokenizer, chunk)
         result = analyse_batch(model, batch, modes)
-        preds.append(result.predictions)
-        answers.append(batch.answer_ids)
-        firsts.append(batch.first_label_ids)
-        similar.append(batch.similar_label_ids)
-        spaces += [{as_text_layer(tokenizer).first_token(w) for w in e.meta["label_space"]} for e in chunk]
+        vocab_pred = result.predictions.tolist()
+        spaces += [int(p) in {text.first_token(w.split()[0]) for w in e.meta["label_space"]}
+                   for p, e in zip(vocab_pred, chunk)]
+        if user:
+            rows = [batch.enc.input_ids[i, :int(batch.enc.lengths[i])].tolist() for i in range(len(chunk))]
+            scores = label_log_probs(model, text, rows, [e.meta["label_space"] for e in chunk], batch_size)
+            predicted = [e.meta["label_space"][max(range(len(s)), key=lambda j: (s[j], -j))]
+                         for s, e in zip(scores, chunk)]
+            correct += [p == e.meta["label"] for p, e in zip(predicted, chunk)]
+            firsts += [p == e.meta["demo_labels"][0] for p, e in zip(predicted, chunk)]
+            copies += [e.meta["similar_index"] is not None and p == e.meta["demo_labels"][e.meta["similar_index"]]
+                       for p, e in zip(predicted, chunk)]
+        else:
+            correct += (result.predictions == batch.answer_ids).tolist()
+            firsts += (result.predictions == batch.first_label_ids).tolist()
+            copies += (result.predictions == batch.similar_label_ids).tolist()
         for mode in modes:
             parts[mode].append(result.pir[mode])
-    pred, answer = torch.cat(preds), torch.cat(answers)
-    sim = torch.cat(similar)
+    recognised = {bool(e.meta["recognisable"]) for e in examples}
     return ConditionResult(
-        tasks=tuple(tasks), shots=shots, with_similar=with_similar, mislabel_similar=mislabel_similar, n=n,
-        accuracy=float((pred == answer).float().mean()),
-        copy_similar_rate=float((pred == sim).float().mean()) if with_similar else None,
-        first_label_rate=float((pred == torch.cat(firsts)).float().mean()),
-        in_label_space=sum(int(p) in s for p, s in zip(pred.tolist(), spaces)) / n,
+        tasks=tuple(t.name if isinstance(t, UserTask) else t for t in tasks), shots=shots, with_similar=with_similar,
+        mislabel_similar=mislabel_similar, n=n,
+        accuracy=sum(correct) / n,
+        copy_similar_rate=sum(copies) / n if with_similar else None,
+        first_label_rate=sum(firsts) / n,
+        in_label_space=sum(spaces) / n,
         pir={m: concat_results(parts[m]) for m in modes},
+        recognisable=recognised.pop() if len(recognised) == 1 else None,
     )
 
 
@@ -172,7 +201,7 @@ class IclExperiment:
         rows = []
         for name, res in [*self.quadrants.items(), *((f"{k} mislabelled", v) for k, v in self.mislabelled.items())]:
             rows.append({
-                "quadrant": name, "tasks": "recognisable" if res.tasks == RECOGNISABLE else "arbitrary",
+                "quadrant": name, "tasks": "recognisable" if res.recognisable else "arbitrary",
                 "similar demo": ("mislabelled" if res.mislabel_similar else "yes") if res.with_similar else "no",
                 "shots": res.shots, "n": res.n, "accuracy": res.accuracy,
                 "copies similar label": res.copy_similar_rate, "predicts first demo label": res.first_label_rate,
@@ -192,19 +221,33 @@ class IclExperiment:
 
 
 def run_icl_experiment(model, tokenizer, n: int = 64, shots: int = 4, shot_counts: Sequence[int] = (1, 2, 4, 8),
-                       seed: int = 0, batch_size: int = 64, progress: Progress = _quiet) -> IclExperiment:
-    """Run the four quadrants, the mislabelled-similar manipulation and the shot sweep on one model."""
+                       seed: int = 0, batch_size: int = 64, progress: Progress = _quiet,
+                       tasks: Sequence[UserTask] | None = None) -> IclExperiment:
+    """Run the four quadrants, the mislabelled-similar manipulation and the shot sweep on one model.
+
+    tasks: user tasks (from a tasks file) instead of the built-in ones; the recognisable ones make Q1/Q2, the others
+    Q3/Q4. Quadrants without tasks are left out, and shot counts above what a group's tasks hold are skipped.
+    """
+    if tasks is None:
+        groups: dict[bool, Sequence] = {True: RECOGNISABLE, False: ARBITRARY}
+    else:
+        groups = {flag: [t for t in tasks if t.recognisable == flag] for flag in (True, False)}
+        if not tasks:
+            raise BriskError("the tasks file has no tasks")
+    limit = {flag: min((t.max_shots for t in group), default=0) if tasks is not None else 11
+             for flag, group in groups.items()}
     jobs: list[tuple[str, Any, dict[str, Any]]] = []
     for name, (recognised, similar) in QUADRANTS.items():
-        jobs.append(("quadrant", name, dict(tasks=RECOGNISABLE if recognised else ARBITRARY, shots=shots,
-                                              with_similar=similar)))
+        if not groups[recognised]:
+            continue
+        jobs.append(("quadrant", name, dict(tasks=groups[recognised], shots=shots, with_similar=similar)))
         if similar:
-            jobs.append(("mislabelled", name, dict(tasks=RECOGNISABLE if recognised else ARBITRARY, shots=shots,
+            jobs.append(("mislabelled", name, dict(tasks=groups[recognised], shots=shots,
                                                      with_similar=True, mislabel_similar=True)))
-    for name in ("Q2", "Q3"):
+    for name, flag in (("Q2", True), ("Q3", False)):
         for k in shot_counts:
-            if k != shots:
-                jobs.append(("shots", (name, k), dict(tasks=RECOGNISABLE if name == "Q2" else ARBITRARY, shots=k)))
+            if k != shots and groups[flag] and k <= limit[flag]:
+                jobs.append(("shots", (name, k), dict(tasks=groups[flag], shots=k)))
     quadrants: dict[str, ConditionResult] = {}
     mislabelled: dict[str, ConditionResult] = {}
     by_shots: dict[str, dict[int, ConditionResult]] = {"Q2": {}, "Q3": {}}
@@ -218,8 +261,9 @@ def run_icl_experiment(model, tokenizer, n: int = 64, shots: int = 4, shot_count
         else:
             by_shots[key[0]][key[1]] = res
     for name in ("Q2", "Q3"):
-        if shots in shot_counts:
+        if shots in shot_counts and name in quadrants:
             by_shots[name][shots] = quadrants[name]
+    by_shots = {name: rows for name, rows in by_shots.items() if rows}
     return IclExperiment(quadrants, mislabelled, by_shots)
 
 
@@ -240,7 +284,7 @@ def plot_experiment(exp: IclExperiment) -> Any:
         ax.legend(fontsize=7)
     names = list(exp.quadrants) + [f"{k}\nmislab." for k in exp.mislabelled]
     values = [r.accuracy for r in exp.quadrants.values()] + [r.accuracy for r in exp.mislabelled.values()]
-    axes[2].bar(range(len(values)), values, color=["C0", "C0", "C3", "C3"] + ["C7"] * len(exp.mislabelled))
+    axes[2].bar(range(len(values)), values, color=[styles[q][:2] for q in exp.quadrants] + ["C7"] * len(exp.mislabelled))
     axes[2].set_xticks(range(len(values)), names, fontsize=7)
     axes[2].set_ylim(0, 1.05)
     axes[2].set_title("accuracy per quadrant")
@@ -263,10 +307,10 @@ def save_plot(exp: IclExperiment, path: Path) -> Path:
 
 
 @torch.no_grad()
-def pir_for_task(model, tokenizer, task: str, n: int = 64, shots: int = 4, with_similar: bool = False,
+def pir_for_task(model, tokenizer, task: "str | UserTask", n: int = 64, shots: int = 4, with_similar: bool = False,
                  seed: int = 0, batch_size: int = 64, modes: Sequence[str] = MODES) -> ConditionResult:
-    """PIR (and accuracy) of one named ICL task, e.g. 'sentiment' or 'sentiment_arbitrary'."""
-    if task not in TASK_SPECS:
+    """PIR (and accuracy) of one ICL task: a built-in name ('sentiment', 'sentiment_arbitrary') or a UserTask."""
+    if not isinstance(task, UserTask) and task not in TASK_SPECS:
         raise BriskError(f"unknown ICL task {task!r}: choose from {', '.join(TASK_SPECS)}")
-    return evaluate_condition(model, tokenizer, (task,), shots=shots, with_similar=with_similar, n=n, seed=seed,
+    return evaluate_condition(model, tokenizer, [task], shots=shots, with_similar=with_similar, n=n, seed=seed,
                               batch_size=batch_size, modes=modes)

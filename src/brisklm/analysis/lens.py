@@ -105,12 +105,55 @@ def token_rank(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return (logits > target).sum(dim=-1)
 
 
+_VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def readable_token(text: TextLayer, token_id: int) -> str:
+    """One token as a person reads it: its decoded text (not the raw `Ġ`/`▁` piece) with whitespace made visible
+    ('␣' for a space, '\\n' for a newline), e.g. `Ġcat` / `▁cat` -> `␣cat`; a piece of a multi-byte character
+    shows its bytes (`<0xC3>`); a word-level tokenizer's token is the word itself.
+
+    The token is decoded after an anchor token and the anchor's text removed, because SentencePiece-style decoders
+    drop the leading space of a sequence's first token.
+    """
+    token_id = int(token_id)
+    raw = text.tokenizer.convert_ids_to_tokens(token_id)
+    if text.word_level:
+        return str(raw)
+    decode = lambda ids: text.tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    anchor = text.encode("a")[:1]
+    before, after = decode(anchor), decode(anchor + [token_id])
+    piece = after[len(before):] if anchor and after.startswith(before) else decode([token_id])
+    if "\ufffd" in piece and isinstance(raw, str) and raw and all(c in _BYTE_OF for c in raw):
+        return "".join(f"<0x{_BYTE_OF[c]:02X}>" for c in raw)  # part of a multi-byte character: show its bytes
+    if not piece:
+        return f"<{raw}>"
+    return "".join(_VISIBLE.get(c) or (c if c.isprintable() else f"\\x{ord(c):02x}") for c in piece)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Character -> byte of the byte-level BPE alphabet (printable bytes map to themselves, the rest to 256+)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
 @torch.no_grad()
 def lens_top_tokens(model, tokenizer, prompt: str, k: int = 5, position: int = -1,
-                    text: TextLayer | None = None) -> list[list[tuple[str, float]]]:
+                    text: TextLayer | None = None, readable: bool = False) -> list[list[tuple[str, float]]]:
     """For one prompt, the top-k lens tokens and probabilities at `position` for every layer (0 = embeddings).
 
-    `text` (default: the tokenizer's text layer) decides the framing, see `lens_prompt_ids`.
+    `text` (default: the tokenizer's text layer) decides the framing, see `lens_prompt_ids`. readable: tokens as
+    `readable_token` shows them (decoded, visible spaces); else the tokenizer's raw pieces.
     """
     text = text or as_text_layer(tokenizer)
     enc = pad_right([lens_prompt_ids(text, prompt)], text.roles.pad_id)
@@ -118,7 +161,8 @@ def lens_top_tokens(model, tokenizer, prompt: str, k: int = 5, position: int = -
     logits = logit_lens(model, enc.input_ids, torch.tensor([[pos]]), enc.attention_mask)[:, 0, 0]  # (L+1, V)
     probs = logits.float().softmax(dim=-1)
     top = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    words = tokenizer.convert_ids_to_tokens(top.indices.reshape(-1).tolist())
+    flat = top.indices.reshape(-1).tolist()
+    words = [readable_token(text, i) for i in flat] if readable else tokenizer.convert_ids_to_tokens(flat)
     values = top.values.reshape(-1).tolist()
     width = top.indices.shape[1]
     return [list(zip(words[i * width:(i + 1) * width], values[i * width:(i + 1) * width])) for i in range(len(probs))]

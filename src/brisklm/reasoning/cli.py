@@ -1,25 +1,33 @@
-"""`brisk reason opsft|distill|latent`: On-Policy SFT, decoupled distillation and latent CoT on CoT arithmetic."""
+"""`brisk reason opsft|distill|latent`: On-Policy SFT, decoupled distillation and latent CoT, on the built-in CoT
+arithmetic or on a user JSONL (`--data`, `--eval-data`) checked by a named `--verifier`, framed by the
+checkpoint's chat template (`--system`)."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
 from brisklm.core.device import add_device_args, device_kwargs
 from brisklm.core.inspect import causal_lm_only
+from brisklm.core.text import TextLayer, add_text_args, text_options
 from brisklm.errors import BriskError
 from tqdm.auto import tqdm
 
 from brisklm.reasoning.curriculum import EntropyGatedCurriculum
-from brisklm.reasoning.distill import DistillConfig, distill, parse_kl
+from brisklm.reasoning.data import load_jsonl, load_rollouts
+from brisklm.reasoning.distill import DistillConfig, check_shared_tokenizer, distill, parse_kl
 from brisklm.reasoning.evaluate import evaluate_rollouts
 from brisklm.reasoning.latent import LatentConfig, evaluate_explicit, evaluate_latent, train_explicit, train_latent
-from brisklm.reasoning.opsft import OPSFTConfig, on_policy_sft
+from brisklm.reasoning.opsft import OPSFTConfig, on_policy_sft, sft_on_rollouts
+from brisklm.reasoning.verifiers import make_verifier
 from brisklm.reasoning.zoo import TASK_OPTIONS
 from brisklm.tasks.cot_arithmetic import CotArithmeticTask, is_correct
-from brisklm.zoo.store import load
+from brisklm.zoo.store import load, load_tokenizer, resolve
 
+
+SAMPLING = ("pure", "model")
 
 # What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
 CHECKPOINT_SUPPORT = {"reason opsft": causal_lm_only, "reason distill": causal_lm_only, "reason latent": causal_lm_only}
@@ -28,6 +36,42 @@ CHECKPOINT_SUPPORT = {"reason opsft": causal_lm_only, "reason distill": causal_l
 def _task_data(n_train: int, n_eval: int, seed: int):
     task = CotArithmeticTask(**TASK_OPTIONS)
     return task.examples("train", n_train, seed=seed), task.examples("test", n_eval, seed=seed)
+
+
+def _data(args: argparse.Namespace, n_train: int, n_eval: int, need_steps: bool = False):
+    """(train, eval, verifier): `--data` / `--eval-data` JSONL with `--verifier` (default numeric), else the
+    built-in cot_arithmetic task with its own answer check (or `--verifier` when given)."""
+    user = args.data or getattr(args, "rollouts", None)
+    verifier = make_verifier(args.verifier) if args.verifier else (make_verifier("numeric") if user else is_correct)
+    if args.data:
+        train = load_jsonl(args.data, verifier, need_steps)[:n_train]
+    else:
+        train = _task_data(n_train, 1, args.seed)[0]
+    if args.eval_data:
+        test = load_jsonl(args.eval_data, verifier, need_steps)[:n_eval]
+    elif args.data:
+        test = train[:n_eval]
+        print(f"no --eval-data: measuring on the first {len(test)} training examples", flush=True)
+    else:
+        test = _task_data(1, n_eval, args.seed)[1]
+    return train, test, verifier
+
+
+def _text(loaded, args: argparse.Namespace) -> TextLayer:
+    """The checkpoint's text layer: its chat template (unless --no-chat-template) with --system / --system-prompt."""
+    return TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
+
+
+def _sampling(loaded, args: argparse.Namespace):
+    """--sampling model: the checkpoint's own GenerationConfig sampling settings; pure: plain sampling at T."""
+    if args.sampling not in SAMPLING:
+        raise BriskError(f"unknown --sampling {args.sampling!r}: use pure (temperature only) or model "
+                         "(the checkpoint's generation_config: top_k, top_p, temperature)")
+    if args.sampling == "pure" or loaded is None:
+        return None
+    config = copy.deepcopy(loaded.model.generation_config)
+    config.do_sample = True
+    return config
 
 
 def _report(title: str, metrics: dict) -> None:
@@ -46,11 +90,16 @@ def cmd_opsft(args: argparse.Namespace) -> int:
     config = OPSFTConfig(budget=args.budget, samples=args.samples, rounds=args.rounds, prompts_per_round=args.prompts,
                          temperature=args.temperature, learning_rate=args.lr, keep=args.keep, seed=args.seed)
     config.check()
+    _sampling(None, args)  # bad data and options fail before any loading
+    train, test, verifier = _data(args, 2000 if not args.data else 10**9, args.eval)
+    rollouts = load_rollouts(args.rollouts, verifier) if args.rollouts else None
     loaded = load(args.model, **device_kwargs(args))
-    train, test = _task_data(2000, args.eval, args.seed)
+    text = _text(loaded, args)
+    config.generation_config = _sampling(loaded, args)
     budgets = sorted({max(2, args.budget // 2), args.budget, args.max_new_tokens})
-    evaluate = lambda: evaluate_rollouts(loaded.model, loaded.tokenizer, test, is_correct, 1, args.max_new_tokens,
-                                         1.0, budgets, seed=args.seed)
+    evaluate = lambda: evaluate_rollouts(loaded.model, text, test, verifier, 1, args.max_new_tokens,
+                                         args.temperature, budgets, seed=args.seed,
+                                         generation_config=config.generation_config)
     _report("before", evaluate())
     bar = tqdm(total=config.rounds, desc="on-policy SFT", leave=False, dynamic_ncols=True)
 
@@ -58,11 +107,20 @@ def cmd_opsft(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(kept=f"{rec['kept']}/{rec['sampled']}", length=f"{rec['mean_length']:.1f}")
 
-    on_policy_sft(loaded.model, loaded.tokenizer, train, is_correct, config, on_round=on_round)
+    if rollouts is not None:
+        sft_on_rollouts(loaded.model, text, rollouts, verifier, config, on_round=on_round)
+    else:
+        on_policy_sft(loaded.model, text, train, verifier, config, on_round=on_round)
     bar.close()
     _report("after", evaluate())
     _save(loaded.model, loaded.tokenizer, args.out)
     return 0
+
+
+def curriculum_stages(max_new_tokens: int) -> tuple[int, ...]:
+    """Caps of the entropy-gated curriculum: 32 -> 64 -> max, or quarter -> half -> max for short caps."""
+    stages = (32, 64, max_new_tokens) if max_new_tokens > 64 else (max_new_tokens // 4, max_new_tokens // 2, max_new_tokens)
+    return tuple(sorted({s for s in stages if s >= 1}))
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -73,13 +131,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     config.check()
     if args.curriculum not in (None, "entropy"):
         raise BriskError(f"unknown --curriculum {args.curriculum!r}: the only curriculum is 'entropy'")
+    _sampling(None, args)  # bad data and options fail before any loading
+    train, test, verifier = _data(args, 2000 if not args.data else 10**9, args.eval)
+    check_shared_tokenizer(load_tokenizer(resolve(args.teacher)), load_tokenizer(resolve(args.student)))
     teacher, student = load(args.teacher, **device_kwargs(args)), load(args.student, **device_kwargs(args))
-    if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
-        raise BriskError("teacher and student use different tokenizers; distil between models of the same task")
-    train, test = _task_data(2000, args.eval, args.seed)
-    schedule = EntropyGatedCurriculum(stages=(32, 64, args.max_new_tokens)) if args.curriculum else None
-    evaluate = lambda: evaluate_rollouts(student.model, student.tokenizer, test, is_correct, 4, args.max_new_tokens,
-                                         1.0, k=4, seed=args.seed, with_entropy=True)
+    text = _text(student, args)
+    config.generation_config = _sampling(student, args)
+    schedule = EntropyGatedCurriculum(stages=curriculum_stages(args.max_new_tokens)) if args.curriculum else None
+    evaluate = lambda: evaluate_rollouts(student.model, text, test, verifier, 4, args.max_new_tokens,
+                                         1.0, k=4, seed=args.seed, with_entropy=True,
+                                         generation_config=config.generation_config)
     _report("student before", evaluate())
     bar = tqdm(total=config.rounds, desc=f"distill {config.prefix}-prefix {spec.name}", leave=False, dynamic_ncols=True)
 
@@ -87,7 +148,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(length=f"{rec['mean_length']:.1f}", entropy=f"{rec['student_entropy']:.3f}")
 
-    distill(teacher.model, student.model, student.tokenizer, [e.prompt for e in train], config,
+    distill(teacher.model, student.model, text, [e.prompt for e in train], config,
             length_schedule=schedule, on_round=on_round)
     bar.close()
     _report("student after", evaluate())
@@ -106,26 +167,46 @@ def cmd_latent(args: argparse.Namespace) -> int:
     config.check()
     if args.stage0_steps < 0 or args.train < 1 or args.eval < 1:
         raise BriskError("--stage0-steps must be >= 0 and --train, --eval >= 1")
+    train, test, verifier = _data(args, args.train, args.eval, need_steps=True)  # bad data fails before loading
     loaded = load(args.model, **device_kwargs(args))
     model, tok = loaded.model, loaded.tokenizer
-    train, test = _task_data(args.train, args.eval, args.seed)
+    text = _text(loaded, args)
     if args.stage0_steps:
-        _report("explicit CoT before stage 0", evaluate_explicit(model, tok, test, is_correct))
-        train_explicit(model, tok, train, args.stage0_steps, args.batch_size, args.lr or 1e-3, args.seed)
-    _report("explicit minimal CoT (stage 0)", evaluate_explicit(model, tok, test, is_correct))
+        _report("explicit CoT before stage 0", evaluate_explicit(model, text, test, verifier))
+        train_explicit(model, text, train, args.stage0_steps, args.batch_size, args.lr or 1e-3, args.seed)
+    _report("explicit minimal CoT (stage 0)", evaluate_explicit(model, text, test, verifier))
     bar = tqdm(total=len(config.stage_list()), desc=f"latent {config.method}", leave=False, dynamic_ncols=True)
 
     def on_stage(stage: int, record: dict) -> None:
         bar.update(1)
-        _report(f"{config.method} stage {stage}", {**evaluate_latent(model, tok, test, is_correct, config, stage),
+        _report(f"{config.method} stage {stage}", {**evaluate_latent(model, text, test, verifier, config, stage),
                                                    "train_loss": record["loss"]})
 
-    train_latent(model, tok, train, config, on_stage=on_stage)
+    train_latent(model, text, train, config, on_stage=on_stage)
     bar.close()
     if args.out:
         _save(model, tok, args.out)
         (Path(args.out) / "latent.json").write_text(json.dumps(vars(config), indent=1))
     return 0
+
+
+def _data_args(p: argparse.ArgumentParser, steps: bool = False) -> None:
+    """--data / --eval-data / --verifier, --system (and --system-prompt, --no-chat-template)."""
+    fields = "'question' (or 'prompt'), 'answer'" + (", 'steps' (a list: the explicit chain of thought)" if steps
+                                                    else " (optional 'steps')")
+    p.add_argument("--data", help=f"training JSONL, one object per line: {fields} (default: built-in cot_arithmetic)")
+    p.add_argument("--eval-data", help="evaluation JSONL in the same format (default: the first --eval of --data)")
+    p.add_argument("--verifier", default=None,
+                   help="numeric (last number or '#### n'), boxed (\\boxed{...}), exact, regex:PATTERN or "
+                        "python:module:function (default: numeric with --data, the task's own check without)")
+    add_text_args(p)
+    p.add_argument("--system", dest="system_prompt", help="same as --system-prompt")
+
+
+def _sampling_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampling", default="pure",
+                   help="pure: sample at --temperature with no top-k/top-p (default); model: the checkpoint's own "
+                        "generation_config (temperature, top_k, top_p)")
 
 
 def add_commands(subparsers) -> None:
@@ -144,6 +225,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=120, help="evaluation cap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder to save the trained model")
+    _data_args(p)
+    p.add_argument("--rollouts", help="train on rollouts generated elsewhere (e.g. vLLM) instead of sampling: JSONL "
+                                      "with 'question' (or 'prompt'), 'answer', 'completion' and optional 'finished'; "
+                                      "each round filters the next --prompts x --samples lines")
+    _sampling_arg(p)
     add_device_args(p, training=True)
     p.set_defaults(func=cmd_opsft)
     p = sub.add_parser("distill", help="token-level KL distillation with a chosen prefix source and KL direction")
@@ -161,6 +247,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--eval", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder to save the trained student")
+    _data_args(p)
+    _sampling_arg(p)
     add_device_args(p, training=True)
     p.set_defaults(func=cmd_distill)
     p = sub.add_parser("latent", help="latent CoT: pause tokens, Coconut continuous thoughts, stepwise internalization")
@@ -181,5 +269,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--eval", type=int, default=200, help="test prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder to save the trained model (and latent.json with its settings)")
+    _data_args(p, steps=True)
     add_device_args(p, training=True)
     p.set_defaults(func=cmd_latent)

@@ -112,6 +112,34 @@ def reverse_kl_policy_gradient_surrogate(student_logits: torch.Tensor, teacher_l
     return -(log_s.exp().detach() * reward * log_s).sum(-1)
 
 
+PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Q: 12 + 7 = ? answer 19 ; #### 19",
+               "  leading spaces, new\nlines and symbols: {}[]()<>=+-*/\\boxed{3}")
+
+
+def check_shared_tokenizer(teacher_tokenizer, student_tokenizer) -> None:
+    """Teacher and student must share one tokenizer: the same vocabulary (token -> id) and the same ids for the
+    same text; otherwise token-level KL compares unrelated tokens. A one-line BriskError names the difference."""
+    fix = "token-level distillation needs one shared tokenizer (e.g. two sizes of the same model family)"
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        moved = sum(1 for tok, i in t_vocab.items() if s_vocab.get(tok) != i)
+        raise BriskError(f"teacher and student tokenizers differ: vocabularies of {len(t_vocab)} and {len(s_vocab)} "
+                         f"tokens, {moved} teacher tokens missing or at another id in the student; {fix}")
+    for text in PROBE_TEXTS:
+        t_ids = teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
+        s_ids = student_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if list(t_ids) != list(s_ids):
+            raise BriskError(f"teacher and student tokenizers share a vocabulary but split {text[:30]!r} differently "
+                             f"({len(t_ids)} vs {len(s_ids)} tokens); {fix}")
+
+
+def shared_width(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logits cut to the narrower vocabulary: real checkpoints pad their embedding matrix to different sizes
+    (rows past the shared tokenizer's length are never a token), e.g. 151936 vs 152064 in one family."""
+    width = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[..., :width], teacher_logits[..., :width]
+
+
 class DistillTrainer(Trainer):
     """A Trainer whose loss is the token KL between the trained student and a frozen teacher."""
 
@@ -129,7 +157,7 @@ class DistillTrainer(Trainer):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        loss = distill_loss(out.logits, teacher_logits, labels, self.kl)
+        loss = distill_loss(*shared_width(out.logits, teacher_logits), labels, self.kl)
         return (loss, out) if return_outputs else loss
 
 
@@ -146,6 +174,7 @@ class DistillConfig:
     temperature: float = 1.0
     learning_rate: float = 5e-4
     seed: int = 0
+    generation_config: Any = None  # a GenerationConfig whose sampling settings replace plain sampling at `temperature`
 
     def check(self) -> None:
         """Reject impossible settings with a one-line fix."""
@@ -178,7 +207,8 @@ def distill(teacher, student, tokenizer, prompts: Sequence[str], config: Distill
         idx = torch.randint(len(prompts), (config.prompts_per_round,), generator=gen).tolist()
         source = teacher if config.prefix == "teacher" else student
         batch = sample_rollouts(source, tokenizer, [prompts[i] for i in idx], config.samples_per_prompt,
-                                max_new, config.temperature, seed=config.seed * 100003 + r)
+                                max_new, config.temperature, seed=config.seed * 100003 + r,
+                                generation_config=config.generation_config)
         loss = driver.step(batch.features())
         entropy = token_entropy(student, batch)  # on this round's prefixes (the student's own when prefix=student)
         record = {"round": r, "loss": loss, "max_new_tokens": max_new, "mean_length": batch.mean_length(),

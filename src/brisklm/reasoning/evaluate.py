@@ -10,10 +10,11 @@ from brisklm.reasoning.rollout import Verifier, sample_rollouts, token_entropy
 
 def evaluate_rollouts(model, tokenizer, examples: Sequence[Any], verifier: Verifier, n: int = 1,
                       max_new_tokens: int = 120, temperature: float = 1.0, budgets: Sequence[int] = (),
-                      k: int | None = None, seed: int = 0, with_entropy: bool = False) -> dict[str, Any]:
+                      k: int | None = None, seed: int = 0, with_entropy: bool = False,
+                      generation_config=None) -> dict[str, Any]:
     """Sample n completions per example and measure them; accuracy at budget b = correct and finished within b."""
     batch = sample_rollouts(model, tokenizer, [e.prompt for e in examples], n, max_new_tokens, temperature, seed=seed,
-                            do_sample=temperature > 0)
+                            do_sample=temperature > 0, generation_config=generation_config)
     ok = [r.finished and bool(verifier(r.text, examples[r.prompt_index])) for r in batch.rollouts]
     out: dict[str, Any] = {
         "accuracy": sum(ok) / len(ok),

@@ -30,8 +30,9 @@ from brisklm.core.cache import KVCache
 from brisklm.core.executor import execute
 from brisklm.core.generate import generate
 from brisklm.errors import BriskError
-from brisklm.core.text import as_text_layer
-from brisklm.zoo.textlm import IGNORE, PadCollator, TrainOptions, prompt_ids, training_arguments
+from brisklm.core.plan import Plan
+from brisklm.core.text import TextLayer, as_text_layer
+from brisklm.zoo.textlm import IGNORE, PadCollator, TrainOptions, training_arguments
 
 PAUSE, BOT, EOT, LATENT = "<pause>", "<bot>", "<eot>", "<latent>"
 LATENT_TOKENS = (PAUSE, BOT, EOT, LATENT)
@@ -66,31 +67,51 @@ def split_cot(prompt: str, text: str, step_end: str = ";") -> CoT:
 
 
 def cot_of_example(example: Any) -> CoT:
-    """The minimal CoT of a cot_arithmetic example (meta['minimal_cot']), else its completion."""
+    """The CoT of an example: a data line's `steps` (each step's words) and answer, else the minimal CoT of a
+    cot_arithmetic example (meta['minimal_cot']), else its completion split at `;`."""
+    steps = getattr(example, "steps", None)
+    if steps:
+        return CoT(example.prompt, tuple(tuple(step.split()) for step in steps), tuple(example.answer.split()))
     meta = getattr(example, "meta", None) or {}
     return split_cot(example.prompt, meta.get("minimal_cot", example.completion))
 
 
+def raw_tokenizer(tokenizer):
+    """The transformers tokenizer behind a TextLayer (or the tokenizer itself)."""
+    return getattr(tokenizer, "tokenizer", tokenizer) if isinstance(tokenizer, TextLayer) else tokenizer
+
+
 def add_latent_tokens(model, tokenizer):
-    """Add `<pause> <bot> <eot> <latent>` to the tokenizer (if missing) and resize the model's embeddings."""
-    missing = [t for t in LATENT_TOKENS if t not in tokenizer.get_vocab()]
+    """Add `<pause> <bot> <eot> <latent>` to the tokenizer as special tokens (if missing) and resize the model's
+    embeddings (input and output) when the tokenizer outgrew them; both survive save_pretrained + reload."""
+    tok = raw_tokenizer(tokenizer)
+    missing = [t for t in LATENT_TOKENS if t not in tok.get_vocab()]
     if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    return tokenizer
+        tok.add_tokens(missing, special_tokens=True)
+    if model.get_input_embeddings().num_embeddings < len(tok):
+        model.resize_token_embeddings(len(tok))
+    return tok
 
 
-def _ids(tokenizer, words: Sequence[str]) -> list[int]:
-    return as_text_layer(tokenizer).encode(list(words))
+def latent_id(tokenizer, name: str) -> int:
+    """The id of one latent special token; a one-line error when it was never added."""
+    tok = raw_tokenizer(tokenizer)
+    if name not in tok.get_vocab():
+        raise BriskError(f"the tokenizer has no {name} token: train with brisk reason latent (it adds "
+                         f"{' '.join(LATENT_TOKENS)}) or call add_latent_tokens(model, tokenizer)")
+    return int(tok.convert_tokens_to_ids(name))
 
 
 def _sequence(tokenizer, cot: CoT, forced: Sequence[str], supervised: Sequence[str]) -> dict[str, list[int]]:
-    """`<bos> prompt <sep> forced supervised <eos>` with loss only on `supervised` and `<eos>`."""
+    """`prompt frame, forced special tokens, supervised words, end` with loss only on `supervised` and the end.
+
+    The prompt frame is the text layer's (chat template or `[bos] prompt [sep]`); forced latent tokens are put in
+    as ids (never through text, so no subword tokenizer inserts a space token between them); the supervised words
+    start a new segment after them.
+    """
     text = as_text_layer(tokenizer)
-    segments = text.word_segments([*forced, *supervised])  # one encoding, so `supervised` continues `forced`
-    head = text.prompt_ids(cot.prompt) + [i for seg in segments[:len(forced)] for i in seg]
-    tail = [i for seg in segments[len(forced):] for i in seg] + [text.end_id]
+    head = text.prompt_ids(cot.prompt) + [latent_id(tokenizer, name) for name in forced]
+    tail = (text.encode(list(supervised)) if supervised else []) + [text.end_id]
     return {"input_ids": head + tail, "labels": [IGNORE] * len(head) + tail}
 
 
@@ -266,11 +287,11 @@ def train_latent(model, tokenizer, examples: Sequence[Any], config: LatentConfig
     add_latent_tokens(model, tokenizer)
     cots = [cot_of_example(e) for e in examples]
     rng = random.Random(config.seed)
-    latent_id = tokenizer.convert_tokens_to_ids(LATENT)
+    latent = latent_id(tokenizer, LATENT)
     logs = []
     for stage in config.stage_list():
         features = stage_features(tokenizer, cots, config, stage, rng)
-        extra = dict(trainer_cls=CoconutTrainer, latent_id=latent_id) if config.method == "coconut" else {}
+        extra = dict(trainer_cls=CoconutTrainer, latent_id=latent) if config.method == "coconut" else {}
         loss = train_stage(model, tokenizer, features, config.steps_per_stage, config.batch_size,
                            config.learning_rate, config.seed + stage, **extra)
         record = {"stage": stage, "loss": loss,
@@ -288,25 +309,34 @@ def _decode(tokenizer, row: list[int]) -> tuple[str, int]:
     return text.decode(row).strip(), len(row) + int(finished)
 
 
+def _stops(text: TextLayer) -> list[int]:
+    """Ids that end a generation: every eos id and the chat template's end of turn."""
+    return sorted(set(text.roles.eos_ids) | {text.end_id})
+
+
+def _left_pad(heads: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded ids and their 0/1 mask, filled on the host and moved once."""
+    width = max(len(h) for h in heads)
+    ids = torch.full((len(heads), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, h in enumerate(heads):
+        ids[i, width - len(h):] = torch.tensor(h)
+        mask[i, width - len(h):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def greedy_after(model, tokenizer, heads: Sequence[list[int]], max_new_tokens: int,
                  batch_size: int = 128) -> list[tuple[str, int]]:
     """Greedy continuations of given id prefixes (left-padded batches, KV cache): (text, generated tokens)."""
     model.eval()
-    roles = as_text_layer(tokenizer).roles
-    eos, pad = list(roles.eos_ids), roles.pad_id
+    text = as_text_layer(tokenizer)
+    pad = text.roles.pad_id
     out = []
     for start in range(0, len(heads), batch_size):
-        chunk = heads[start:start + batch_size]
-        width = max(len(h) for h in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, h in enumerate(chunk):
-            ids[i, width - len(h):] = torch.tensor(h)
-            mask[i, width - len(h):] = 1
-        ids, mask = ids.to(model.device), mask.to(model.device)  # filled on the host, moved once
+        ids, mask = _left_pad(heads[start:start + batch_size], pad, model.device)
         generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=pad)[:, width:]
+                             eos_token_id=_stops(text), pad_token_id=pad)[:, ids.shape[1]:]
         out.extend(_decode(tokenizer, row) for row in generated.tolist())
     return out
 
@@ -314,43 +344,50 @@ def greedy_after(model, tokenizer, heads: Sequence[list[int]], max_new_tokens: i
 @torch.no_grad()
 def coconut_generate(model, tokenizer, prompts: Sequence[str], latents: Sequence[int], max_new_tokens: int,
                      batch_size: int = 128) -> list[tuple[str, int]]:
-    """`<bos> Q <sep> <bot>`, then latents[i] continuous thoughts, `<eot>`, then greedy tokens (KV cache).
+    """`prompt frame <bot>`, then latents[i] continuous thoughts, `<eot>`, then greedy tokens (KV cache).
 
     The prompt and each thought (the normed last hidden state fed back as the next input embedding) run through
-    the executor into one KVCache; `brisklm.generate` continues from it with `<eot>`. Prompts are batched by
-    (length, latent count), so no padding is needed; returns (text, generated tokens).
+    the executor into one KVCache; `brisklm.generate` continues from it with `<eot>`. Prompts of any lengths are
+    batched (left padding, positions from the mask as HF counts them) in groups of equal thought counts; returns
+    (text, generated tokens) per prompt.
     """
     model.eval()
     adapter = ModelAdapter.from_model(model)
-    bot, eot = tokenizer.convert_tokens_to_ids(BOT), tokenizer.convert_tokens_to_ids(EOT)
-    roles = as_text_layer(tokenizer).roles
-    eos, pad = list(roles.eos_ids), roles.pad_id
-    heads = [prompt_ids(tokenizer, p) + [bot] for p in prompts]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, h in enumerate(heads):
-        groups.setdefault((len(h), latents[i]), []).append(i)
+    text = as_text_layer(tokenizer)
+    bot, eot = latent_id(tokenizer, BOT), latent_id(tokenizer, EOT)
+    pad = text.roles.pad_id
+    heads = [text.prompt_ids(p) + [bot] for p in prompts]
+    groups: dict[int, list[int]] = {}
+    for i in range(len(heads)):
+        groups.setdefault(latents[i], []).append(i)
     out: list[tuple[str, int] | None] = [None] * len(prompts)
-    for (_, n_latent), members in groups.items():
+    device = adapter.embed_tokens.weight.device
+    for n_latent, members in groups.items():
         for start in range(0, len(members), batch_size):
             idx = members[start:start + batch_size]
             cache = KVCache(adapter.num_layers)
-            ids = torch.tensor([heads[i] for i in idx], device=adapter.embed_tokens.weight.device)
-            state = execute(model, ids, cache=cache, logits_rows="none").last_hidden[:, -1:]
+            ids, mask = _left_pad([heads[i] for i in idx], pad, device)
+            positions = (mask.long().cumsum(dim=1) - 1).masked_fill(mask == 0, 1)  # HF's left-padding rule
+            state = execute(model, ids, plan=Plan(position_ids=positions), cache=cache, attention_mask=mask,
+                            logits_rows="none").last_hidden[:, -1:]
+            after = positions[:, -1:]
             for _ in range(n_latent):  # a continuous thought: the last hidden state (after the final norm)
-                state = execute(model, inputs_embeds=adapter.final_norm(state), cache=cache,
-                                logits_rows="none").last_hidden
-            first = torch.full((len(idx), 1), eot, dtype=torch.long, device=ids.device)
+                after = after + 1
+                state = execute(model, inputs_embeds=adapter.final_norm(state), plan=Plan(position_ids=after),
+                                cache=cache, logits_rows="none").last_hidden
+            first = torch.full((len(idx), 1), eot, dtype=torch.long, device=device)
             rows = generate(model, first, cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=eos, pad_token_id=pad)[:, 1:]
+                            eos_token_id=_stops(text), pad_token_id=pad)[:, 1:]
             for i, row in zip(idx, rows.tolist()):
                 out[i] = _decode(tokenizer, row)
     return out  # type: ignore[return-value]
 
 
 def latent_heads(tokenizer, cots: Sequence[CoT], config: LatentConfig, stage: int) -> list[list[int]]:
-    """The forced prefix at inference for pause/internalize: `<bos> Q <sep>` (+ M pauses)."""
-    forced = [PAUSE] * config.pauses if config.method == "pause" else []
-    return [prompt_ids(tokenizer, c.prompt) + _ids(tokenizer, forced) for c in cots]
+    """The forced prefix at inference for pause/internalize: the prompt frame (+ M pauses, as ids)."""
+    text = as_text_layer(tokenizer)
+    forced = [latent_id(tokenizer, PAUSE)] * config.pauses if config.method == "pause" else []
+    return [text.prompt_ids(c.prompt) + forced for c in cots]
 
 
 def evaluate_latent(model, tokenizer, examples: Sequence[Any], verifier: Callable[[str, Any], bool],
@@ -375,7 +412,8 @@ def evaluate_latent(model, tokenizer, examples: Sequence[Any], verifier: Callabl
 def evaluate_explicit(model, tokenizer, examples: Sequence[Any], verifier: Callable[[str, Any], bool],
                       max_new_tokens: int = 120) -> dict[str, Any]:
     """Greedy accuracy and generated tokens of an explicit-CoT model (the comparison for the latent methods)."""
-    results = greedy_after(model, tokenizer, [prompt_ids(tokenizer, e.prompt) for e in examples], max_new_tokens)
+    text = as_text_layer(tokenizer)
+    results = greedy_after(model, tokenizer, [text.prompt_ids(e.prompt) for e in examples], max_new_tokens)
     ok = [bool(verifier(text, e)) for (text, _), e in zip(results, examples)]
     return {"accuracy": sum(ok) / len(ok), "mean_generated_tokens": sum(n for _, n in results) / len(results),
             "mean_latent_positions": 0.0, "samples": len(ok), "example": results[0][0]}

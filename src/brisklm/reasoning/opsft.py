@@ -49,6 +49,7 @@ class OPSFTConfig:
     keep: str = "all_correct"
     stop_kept_fraction: float | None = None  # stop when this fraction of samples is kept (all correct and short)
     seed: int = 0
+    generation_config: Any = None  # a GenerationConfig whose sampling settings replace plain sampling at `temperature`
 
     def check(self) -> None:
         """Reject settings that cannot run, with the fix in the message."""
@@ -76,7 +77,8 @@ def on_policy_sft(model, tokenizer, examples: Sequence[Any], verifier: Verifier,
         idx = torch.randint(len(examples), (config.prompts_per_round,), generator=gen).tolist()
         chosen = [examples[i] for i in idx]
         batch = sample_rollouts(model, tokenizer, [prompt_of(e) for e in chosen], config.samples, config.budget,
-                                config.temperature, seed=config.seed * 100003 + r)
+                                config.temperature, seed=config.seed * 100003 + r,
+                                generation_config=config.generation_config)
         keep = keep_mask(batch, chosen, verifier, config.budget, config.keep)
         loss = driver.step(batch.features(keep))
         record = {"round": r, "kept": sum(keep), "sampled": len(keep), "loss": loss,
@@ -86,5 +88,47 @@ def on_policy_sft(model, tokenizer, examples: Sequence[Any], verifier: Verifier,
             on_round(r, record)
         if config.stop_kept_fraction is not None and sum(keep) >= config.stop_kept_fraction * len(keep):
             break
+    model.eval()
+    return logs
+
+
+def rollout_features(text, rollouts: Sequence[Any], verifier: Verifier, budget: int) -> tuple[list[dict], list[int]]:
+    """Features of external rollouts that On-Policy SFT keeps: finished, within `budget` model tokens (the
+    completion's tokens plus its end token) and accepted by the verifier; also every rollout's length."""
+    from brisklm.core.text import as_text_layer
+    from brisklm.zoo.textlm import IGNORE
+
+    text = as_text_layer(text)
+    features, lengths = [], []
+    for r in rollouts:
+        ids = text.encode(r.completion) if r.completion.strip() else []
+        lengths.append(len(ids) + int(r.finished))
+        if r.finished and lengths[-1] <= budget and bool(verifier(r.completion, r.example)):
+            head, tail = text.prompt_ids(r.example.prompt), ids + [text.end_id]
+            features.append({"input_ids": head + tail, "labels": [IGNORE] * len(head) + tail})
+    return features, lengths
+
+
+def sft_on_rollouts(model, tokenizer, rollouts: Sequence[Any], verifier: Verifier, config: OPSFTConfig,
+                    on_round: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """On-Policy SFT on rollouts made elsewhere (vLLM, another cluster): each round takes the next
+    prompts_per_round x samples rollouts of the file, keeps them by `keep_mask`'s rule and takes one NLL step."""
+    config.check()
+    per_round = config.prompts_per_round * config.samples
+    rounds = min(config.rounds, -(-len(rollouts) // per_round))
+    if rounds < 1:
+        raise BriskError("no rollouts to train on")
+    driver = StepDriver(model, tokenizer, config.learning_rate, rounds, config.seed)
+    logs = []
+    for r in range(rounds):
+        chunk = rollouts[r * per_round:(r + 1) * per_round]
+        features, lengths = rollout_features(tokenizer, chunk, verifier, config.budget)
+        loss = driver.step(features)
+        record = {"round": r, "kept": len(features), "sampled": len(chunk), "loss": loss,
+                  "mean_length": sum(lengths) / len(lengths),
+                  "truncation_ratio": sum(not x.finished for x in chunk) / len(chunk)}
+        logs.append(record)
+        if on_round:
+            on_round(r, record)
     model.eval()
     return logs

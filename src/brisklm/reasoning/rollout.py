@@ -65,15 +65,23 @@ class RolloutBatch:
 
 @torch.no_grad()
 def sample_rollouts(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float = 1.0,
-                    seed: int = 0, batch_size: int = 128, do_sample: bool = True) -> RolloutBatch:
-    """n completions per prompt at `temperature` (greedy when do_sample=False), cut at max_new_tokens."""
+                    seed: int = 0, batch_size: int = 128, do_sample: bool = True,
+                    generation_config=None) -> RolloutBatch:
+    """n completions per prompt at `temperature` (greedy when do_sample=False), cut at max_new_tokens.
+
+    `tokenizer` may be a TextLayer (chat template, system prompt): prompts are framed by its `prompt_ids`.
+    generation_config: a transformers GenerationConfig whose sampling settings (do_sample, temperature, top_k,
+    top_p, ...) are used as they are (then `temperature` and `do_sample` are ignored); None = plain sampling at
+    `temperature` with no top-k/top-p truncation (the papers' setting). Budgets count the model's own tokens.
+    """
     if n < 1 or max_new_tokens < 1:
         raise BriskError(f"need n >= 1 and a budget >= 1 token, got n={n}, budget={max_new_tokens}")
-    if do_sample and temperature <= 0:
+    if generation_config is None and do_sample and temperature <= 0:
         raise BriskError(f"temperature must be > 0 for sampling, got {temperature}; use do_sample=False for greedy")
     model.eval()
     layer = as_text_layer(tokenizer)  # a tokenizer or a TextLayer built for the model (chat frame, several eos ids)
     eos, pad = layer.end_id, layer.roles.pad_id
+    stops = sorted(set(layer.roles.eos_ids) | {eos})  # any eos id, and the template's end of turn, ends a rollout
     jobs = [(i, layer.prompt_ids(p)) for i, p in enumerate(prompts) for _ in range(n)]
     torch.manual_seed(seed)
     out: list[Rollout] = []
@@ -85,11 +93,13 @@ def sample_rollouts(model, tokenizer, prompts: Sequence[str], n: int, max_new_to
         for row, (_, p) in enumerate(chunk):
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
-        kwargs: dict[str, Any] = dict(do_sample=do_sample)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+        kwargs: dict[str, Any] = {"generation_config": generation_config}
+        if generation_config is None:
+            kwargs["do_sample"] = do_sample
+            if do_sample:
+                kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
         ids, mask = ids.to(model.device), mask.to(model.device)  # filled on the host, moved once
-        generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=list(layer.roles.eos_ids),
+        generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=stops,
                              pad_token_id=pad, **kwargs)[:, width:]
         for (i, p), row in zip(chunk, generated.tolist()):
             row, finished = layer.cut_at_eos(row)  # any eos id (or the end of turn) ends a rollout
