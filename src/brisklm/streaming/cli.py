@@ -55,8 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_proactive(args: argparse.Namespace, loaded, k_range: tuple[int, int], options, out: Path) -> int:
     """Random monotone masks (+ SPSD) on variable-lookahead translation, then the self-labelled probe."""
-    from brisklm.streaming.heads import save_probe, sufficiency_data, train_probe
-    from brisklm.streaming.proactive import ScheduleOptions, train_proactive
+    from brisklm.streaming.proactive.heads import save_probe, sufficiency_data, train_probe
+    from brisklm.streaming.proactive.train import ScheduleOptions, train_proactive
     from brisklm.streaming.proactive_zoo import proactive_task
 
     lam = 0.0 if args.spsd is None else args.spsd
@@ -138,7 +138,7 @@ def _translate_with_head(args: argparse.Namespace) -> int:
 
     import torch
 
-    from brisklm.streaming.heads import live_decode, make_head
+    from brisklm.streaming.proactive.heads import live_decode, make_head
     from brisklm.zoo.store import load
 
     threshold = DEFAULT_THRESHOLDS[args.policy] if args.threshold is None else args.threshold

@@ -35,7 +35,7 @@ from brisklm.errors import BriskError
 from brisklm.streaming.engine import SOURCE, StreamingSession, StreamOutput
 from brisklm.streaming.gpe import IGNORE, build_layout
 from brisklm.streaming.policies import DecodeResult, _check_sources, target_limit
-from brisklm.streaming.proactive import ScheduleOptions, collate_views, sample_schedule
+from brisklm.streaming.proactive.train import ScheduleOptions, collate_views, sample_schedule
 
 HEADS = ("entropy", "attention", "probe", "lag")
 PROBE_FILE = "proactive_probe.pt"
