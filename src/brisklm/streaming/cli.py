@@ -8,13 +8,14 @@ import tempfile
 from pathlib import Path
 
 from brisklm.core.device import add_device_args, device_kwargs
-from brisklm.core.inspect import word_level_only
+from brisklm.core.inspect import causal_lm_only, word_level_only
 from brisklm.errors import BriskError
-from brisklm.streaming.policies import OFFLINE_K, reads_before, target_limit
+from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, OFFLINE_K, reads_before, target_limit
 
 
 # What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
-CHECKPOINT_SUPPORT = {"stream train": word_level_only, "stream translate": word_level_only}
+# stream translate: wait-k and offline run on any tokenizer; the decision heads still refuse subword ones
+CHECKPOINT_SUPPORT = {"stream train": word_level_only, "stream translate": causal_lm_only}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -105,15 +106,23 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     def write_while_allowed(closed: bool) -> None:
         cap = args.max_words if not closed else min(args.max_words, target_limit(session.words_read(0)))
-        while not session.done[0] and len(session.outputs[0].words) < cap:
-            j = len(session.outputs[0].words) + 1
+        while not session.done[0]:
+            if session.words_started(0) >= cap or len(session.written[0]) >= MAX_TOKENS_PER_WORD * cap:
+                out, before = session.outputs[0], len(session.outputs[0].words)
+                session.stop(0)  # completes the open word
+                show(zip(out.words[before:], out.delays[before:]))
+                return
+            j = session.words_started(0) + 1  # the word the next token may start
             if not closed and session.words_read(0) < reads_before(k, j, 10**9):
                 return
-            word = session.write()[0]
-            if word is None and session.wants_read[0] and not closed:
+            token = session.write()[0]
+            show(session.new_words[0])
+            if token is None and session.wants_read[0] and not closed:
                 return  # the model wants more source before it may end
-            if word is not None:
-                print(f"{word}\tdelay={session.outputs[0].delays[-1]}", flush=True)
+
+    def show(words) -> None:
+        for word, delay in words:  # a word is printed once complete, with the source words read at its first token
+            print(f"{word}\tdelay={delay}", flush=True)
 
     for word in source:
         session.read([word])

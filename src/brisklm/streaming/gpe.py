@@ -1,14 +1,20 @@
 """Group Position Encoding layouts: per-segment token ids, wait-k visibility with the one-row shift, positions.
 
-A stream is two groups of segments. Source: s_0 = prompt (`<bos>`), s_1..s_n = the words, s_{n+1} = the
-end-of-source marker (`<eos>`). Target: u_0 = header (`<sep>`), u_1..u_m = the words, u_{m+1} = `<eos>`.
-Each word is tokenized on its own and the ids are concatenated, so segment boundaries are exact by
-construction (one word = one token with brisklm's word tokenizer; other tokenizers may give several).
+A stream is two groups of segments. Source: s_0 = prompt (`<bos>`, empty when the tokenizer has no BOS),
+s_1..s_n = the words, s_{n+1} = the end-of-source marker (eos). Target: u_0 = header (the sep token, else the
+encoding of "\n"), u_1..u_m = the words, u_{m+1} = eos (`StreamFrame`). Words become segments through the text
+layer (core/text.py): one id each with brisklm's word tokenizer, one or more subword ids on a real checkpoint;
+together they are exactly the tokenizer's ids of the joined text.
 
 A schedule says how many source segments after the prompt (`sees`, the end marker counts as segment n+1)
 target segment j may attend to when it is *predicted*. Because row r's logits predict token r+1, the last row
 of target segment j takes the visibility of segment j+1 (the one-row shift); the final row keeps its own.
 The end of the target (u_{m+1}) is predicted with the whole source visible: a stream ends only after its source.
+
+Subword targets (`next_segment_rows`): a row cannot know whether the token it predicts continues its word or
+starts the next one, so every row of target segment j takes segment j+1's wait-k visibility (what the engine
+does); only the row that predicts the end sees the whole source (the engine re-feeds an early end after reading
+more). With one token per segment this is the same mask as the one-row shift above.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from brisklm.core.text import word_ids
+from brisklm.core.text import TextLayer, as_text_layer
 from brisklm.errors import BriskError
 
 PositionMode = Literal["group", "contiguous", "arrival"]
@@ -44,6 +50,7 @@ class StreamLayout:
 
     source: list[list[int]]
     target: list[list[int]]
+    next_segment_rows: bool = False  # every row of a target segment sees what the segment after it sees
 
     @property
     def num_source_words(self) -> int:
@@ -76,22 +83,70 @@ class StreamLayout:
             return n + 1 if j == last else wait_k_sees(k, n, j)
 
         for j, seg in enumerate(self.target):
-            rows += [sees(j)] * (len(seg) - 1) + [sees(min(j + 1, last))]
+            if self.next_segment_rows and j < last - 1:
+                rows += [wait_k_sees(k, n, j + 1)] * len(seg)
+            elif self.next_segment_rows:  # the last word: only the row that predicts the end sees everything
+                rows += [wait_k_sees(k, n, j + 1)] * (len(seg) - 1) + [sees(min(j + 1, last))]
+            else:
+                rows += [sees(j)] * (len(seg) - 1) + [sees(min(j + 1, last))]
         return rows
 
 
-def word_segments(tokenizer, words: Sequence[str]) -> list[list[int]]:
-    """One id list per word through the text layer (one id each: GPE streaming still assumes word-level ids)."""
-    return [[i] for i in word_ids(tokenizer, list(words))]
+@dataclass(frozen=True)
+class StreamFrame:
+    """The special segments of a stream for one tokenizer (plain framing)."""
+
+    prompt: tuple[int, ...]  # source segment 0: (bos,) or () when the tokenizer has no BOS
+    header: tuple[int, ...]  # target segment 0: the sep token, else the ids of "\n"
+    source_end: int  # the end-of-source marker (eos)
+    target_end: int  # what a training target ends with (eos)
+    ends: frozenset[int]  # every id that ends a written target (all eos ids, the end-of-turn token)
+    pad: int
 
 
-def build_layout(tokenizer, source_words: Sequence[str], target_words: Sequence[str] = ()) -> StreamLayout:
-    """The GPE layout of a source sentence and (for training) its target sentence."""
+def stream_frame(tokenizer: object) -> StreamFrame:
+    """The frame of a tokenizer (or TextLayer): roles from the text layer, so no BOS / no pad / several eos work."""
+    text = as_text_layer(tokenizer)
+    roles = text.roles
+    prompt = () if roles.bos_id is None else (roles.bos_id,)
+    header = tuple(text.separator_ids)
+    if not header:
+        raise BriskError("the tokenizer has no sep token and encodes '\\n' to nothing: no target header")
+    return StreamFrame(prompt, header, roles.eos_id, roles.eos_id, frozenset({*roles.eos_ids, text.end_id}),
+                       roles.pad_id)
+
+
+def word_segments(tokenizer: object, words: Sequence[str], at_start: bool = True) -> list[list[int]]:
+    """One id list per word through the text layer (`at_start=False`: the words continue earlier text)."""
+    return as_text_layer(tokenizer).word_segments(list(words), at_start)
+
+
+def token_words(tokenizer: object, ids: Sequence[int]) -> list[list[int]]:
+    """Written target ids grouped into words as the text layer's WordDecoder groups them (specials alone)."""
+    text: TextLayer = as_text_layer(tokenizer)
+    if text.word_level:
+        return [[int(i)] for i in ids]
+    decoder, groups = text.decoder(), []
+    for token in (int(i) for i in ids):
+        decoder.feed(token)
+        if text.is_special(token) or decoder.pending == [token] or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def build_layout(tokenizer, source_words: Sequence[str], target_words: Sequence[str] = (), *,
+                 target_segments: Sequence[Sequence[int]] | None = None) -> StreamLayout:
+    """The GPE layout of a source sentence and (for training) its target sentence (words, or id segments)."""
     if not source_words:
         raise BriskError("the source stream is empty: pass at least one source word")
-    source = [[tokenizer.bos_token_id], *word_segments(tokenizer, source_words), [tokenizer.eos_token_id]]
-    target = [[tokenizer.sep_token_id], *word_segments(tokenizer, target_words), [tokenizer.eos_token_id]]
-    return StreamLayout(source, target)
+    frame = stream_frame(tokenizer)
+    if target_segments is None:
+        target_segments = word_segments(tokenizer, target_words) if len(target_words) else []
+    source = [list(frame.prompt), *word_segments(tokenizer, source_words), [frame.source_end]]
+    target = [list(frame.header), *[list(seg) for seg in target_segments], [frame.target_end]]
+    return StreamLayout(source, target, next_segment_rows=True)
 
 
 def streaming_visibility(layout: StreamLayout, k: int) -> torch.Tensor:

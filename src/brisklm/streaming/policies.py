@@ -51,10 +51,21 @@ def target_limit(n: int) -> int:
     return 2 * n + 8
 
 
+MAX_TOKENS_PER_WORD = 16  # subword tokenizers: a word of more tokens than this is runaway generation
+
+
+def token_limit(n: int) -> int:
+    """A cap on written target tokens for n source words (a word that never completes still stops)."""
+    return MAX_TOKENS_PER_WORD * target_limit(n)
+
+
 def gpe_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, batch_size: int = 32, phi: int = 0,
                positions: str = "group", forced: Sequence[Sequence[int]] | None = None,
                keep_logits: bool = False) -> DecodeResult:
-    """Wait-k with the two-cache engine: every source and target token is encoded once (forced = teacher ids)."""
+    """Wait-k with the two-cache engine: every source and target token is encoded once (forced = teacher ids).
+
+    Works on any tokenizer: k counts source words, a target word's delay is taken at its first token, and
+    keep_logits gives one row per written token (then the end marker)."""
     check_k(k)
     _check_sources(sources)
     outputs: list[StreamOutput] = []
@@ -72,7 +83,7 @@ def gpe_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, ba
                     reads.append([])
                     continue
                 extra[b] += int(session.wants_read[b])
-                j = len(session.outputs[b].words) + 1
+                j = session.words_started(b) + 1  # the word the next token may start
                 need = min(reads_before(k, j, len(src)) + extra[b], len(src) + 1)
                 have = session.words_read(b)
                 reads.append(src[have:min(need, len(src))])
@@ -84,8 +95,8 @@ def gpe_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, ba
                 session.close(close)
             step_forced = None
             if chunk_forced is not None:
-                step_forced = [f[len(o.words)] if len(o.words) < len(f) else tokenizer.eos_token_id
-                               for f, o in zip(chunk_forced, session.outputs)]
+                step_forced = [f[len(w)] if len(w) < len(f) else session.frame.target_end
+                               for f, w in zip(chunk_forced, session.written)]
             active = [b for b in range(len(chunk)) if not session.done[b]]
             session.write(forced=step_forced)
             if keep_logits:
@@ -93,8 +104,9 @@ def gpe_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, ba
                     if not session.wants_read[b]:
                         logits[b].append(session.last_logits[b])
             for b in range(len(chunk)):
-                if not session.done[b] and len(session.outputs[b].words) >= target_limit(len(chunk[b])):
-                    session.done[b], session.outputs[b].truncated = True, True
+                if not session.done[b] and (session.words_started(b) >= target_limit(len(chunk[b]))
+                                            or len(session.written[b]) >= token_limit(len(chunk[b]))):
+                    session.stop(b)
         for b, src in enumerate(chunk):
             session.outputs[b].source_words = len(src)
             if keep_logits:

@@ -15,7 +15,7 @@ from transformers import Trainer
 
 from brisklm.core import MatrixVisibility, Plan, execute
 from brisklm.errors import BriskError
-from brisklm.streaming.gpe import IGNORE, PositionMode, build_layout, check_k, collate
+from brisklm.streaming.gpe import IGNORE, PositionMode, build_layout, check_k, collate, stream_frame
 from brisklm.streaming.policies import interleaved_sequence
 from brisklm.tasks.base import Example
 from brisklm.zoo.textlm import TrainOptions, train_lm, training_arguments
@@ -57,7 +57,7 @@ class GPECollator:
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         layouts = [build_layout(self.tokenizer, f["source_words"], f["target_words"]) for f in features]
         ks = [self.rng.randint(*self.k_range) for _ in features]
-        return collate(layouts, ks, self.tokenizer.pad_token_id, self.mode, self.phi)
+        return collate(layouts, ks, stream_frame(self.tokenizer).pad, self.mode, self.phi)
 
 
 def streaming_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""GPE streaming on real-convention subword checkpoints: multi-token words, no BOS (qwen2), no pad + two eos
+ids (llama3), SentencePiece-style (gemma2): the engine equals one full masked pass, batched or not."""
+
+import pytest
+import torch
+
+from brisklm.cli import main
+from brisklm.core import MatrixVisibility, Plan, execute
+from brisklm.core.text import as_text_layer
+from brisklm.errors import BriskError
+from brisklm.streaming.engine import StreamingSession, reference_logits
+from brisklm.streaming.gpe import StreamLayout, build_layout, collate, stream_frame, token_words, word_segments
+from brisklm.streaming.policies import gpe_wait_k
+from brisklm.zoo.store import load
+
+TOL = 1e-4
+SOURCES = [["the", "quick", "brownish", "foxes", "jumped", "over", "lazy", "dogs"],
+           ["hello", "worldwide", "translation"],
+           ["streaming", "models", "read", "while", "writing"]]
+TARGETS = [["der", "schnelle", "braune", "Fuchs", "sprang"], ["hallo", "Welt"], ["Modelle", "lesen", "beim", "Schreiben"]]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama3", "gemma2"])
+def checkpoint(request, fixture_checkpoints):
+    loaded = load(str(fixture_checkpoints(request.param)))
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger weights than the fixture's init: position or visibility errors show in logits
+        for p in loaded.model.parameters():
+            p.mul_(4.0 if p.dim() > 1 else 1.0)
+    return request.param, loaded.model, loaded.tokenizer
+
+
+def targets_of(tok):
+    return [[t for seg in word_segments(tok, words) for t in seg] for words in TARGETS]
+
+
+def test_fixture_words_split_into_several_tokens(checkpoint):
+    style, _, tok = checkpoint
+    frame = stream_frame(tok)
+    segments = [word_segments(tok, s) for s in SOURCES]
+    assert sum(len(seg) > 1 for segs in segments for seg in segs) >= 5  # the test is about multi-token words
+    if style == "qwen2":
+        assert frame.prompt == ()  # no BOS: the prompt segment is empty
+    if style == "llama3":
+        assert as_text_layer(tok).roles.pad_source == "eos"
+    # reads in chunks give the ids of the whole sentence (a chunk continues earlier text)
+    for src in SOURCES:
+        chunked = word_segments(tok, src[:2]) + word_segments(tok, src[2:], at_start=False)
+        assert chunked == word_segments(tok, src)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k", [1, 3])
+def test_engine_equals_full_masked_pass_batched(checkpoint, k):
+    _, model, tok = checkpoint
+    targets = targets_of(tok)
+    result = gpe_wait_k(model, tok, SOURCES, k, batch_size=3, forced=targets, keep_logits=True)
+    worst = 0.0
+    for src, words, tgt, out in zip(SOURCES, TARGETS, targets, result.outputs):
+        ref = reference_logits(model, tok, src, tgt, k)
+        assert out.logits.shape == ref.shape == (len(tgt) + 1, ref.shape[1])
+        worst = max(worst, (out.logits - ref).abs().max().item())
+        assert out.words == words
+        assert out.delays == [min(k + j, len(src)) for j in range(len(words))]  # words read at each first token
+    assert worst < TOL
+
+
+@torch.no_grad()
+def test_old_one_row_shift_mask_does_not_match_on_multi_token_words(checkpoint):
+    """Negative control: the word-level mask (only a word's last row sees the next word) differs from the engine."""
+    _, model, tok = checkpoint
+    src, tgt = SOURCES[0], targets_of(tok)[0]
+    out = gpe_wait_k(model, tok, [src], 1, forced=[tgt], keep_logits=True).outputs[0]
+    layout = build_layout(tok, src, target_segments=token_words(tok, tgt))
+    old = StreamLayout(layout.source, layout.target, next_segment_rows=False)
+    batch = collate([old], [1], stream_frame(tok).pad)
+    plan = Plan(position_ids=batch["position_ids"], visibility=MatrixVisibility(batch["visibility"]))
+    logits = execute(model, batch["input_ids"], plan=plan, attention_mask=batch["attention_mask"]).logits[0]
+    start = len(layout.source_ids) + len(layout.target[0]) - 1
+    assert (out.logits - logits[start:start + len(tgt) + 1]).abs().max().item() > 1e-2
+
+
+@torch.no_grad()
+def test_free_decoding_batched_equals_single_streams(checkpoint):
+    _, model, tok = checkpoint
+    batched = gpe_wait_k(model, tok, SOURCES, 2, batch_size=3, keep_logits=True).outputs
+    for src, out in zip(SOURCES, batched):
+        single = gpe_wait_k(model, tok, [src], 2, batch_size=1, keep_logits=True).outputs[0]
+        assert single.words == out.words and single.delays == out.delays
+        assert (single.logits - out.logits).abs().max().item() < TOL
+        assert out.delays == sorted(out.delays) and all(1 <= d <= len(src) for d in out.delays)
+        assert len(out.words) == len(out.delays)
+
+
+@torch.no_grad()
+def test_words_complete_with_their_first_token_delay(checkpoint):
+    """Forced ids with hand-made reads: a word's delay is the source words read when its first token was written."""
+    _, model, tok = checkpoint
+    words = TARGETS[0][:3]
+    ids = [seg for seg in word_segments(tok, words)]
+    assert any(len(seg) > 1 for seg in ids)
+    session = StreamingSession(model, tok)
+    session.read(["the"])
+    flat = [t for seg in ids for t in seg]
+    reads = iter(["quick", "brownish", "foxes", "jumped"])
+    for i, token in enumerate(flat):
+        session.write(forced=[token])
+        if i in (0, len(ids[0])):  # read one more word after the first token of words 1 and 2
+            session.read([next(reads)])
+    assert session.outputs[0].words == words[:2] and session.words_started(0) == 3
+    session.close()
+    session.write(forced=[stream_frame(tok).target_end])
+    out = session.outputs[0]
+    assert session.done[0] and out.words == words and out.delays == [1, 2, 3]
+
+
+def test_cli_translate_prints_words_with_delays(checkpoint, capsys, fixture_checkpoints):
+    style, _, _ = checkpoint
+    code = main(["stream", "translate", "--model", str(fixture_checkpoints(style)), "--k", "2", "--max-words", "5",
+                 "--text", "the quick brownish foxes jumped over"])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "\tdelay=" in line]
+    assert 1 <= len(lines) <= 5
+    delays = [int(line.rsplit("delay=", 1)[1]) for line in lines]
+    assert delays == sorted(delays) and delays[0] >= 2 and delays[-1] <= 6
+
+
+def test_paths_still_word_level_refuse_subword_checkpoints(checkpoint):
+    from brisklm.streaming.policies import interleaved_wait_k, offline
+    from brisklm.streaming.proactive.heads import Head, live_decode
+
+    _, model, tok = checkpoint
+    for call in (lambda: offline(model, tok, [["hello"]]), lambda: interleaved_wait_k(model, tok, [["hello"]], 1),
+                 lambda: live_decode(model, tok, ["hello"], Head("entropy"), 0.5)):
+        with pytest.raises(BriskError, match="one token per word"):
+            call()
