@@ -127,12 +127,42 @@ def test_cli_translate_prints_words_with_delays(checkpoint, capsys, fixture_chec
     assert delays == sorted(delays) and delays[0] >= 2 and delays[-1] <= 6
 
 
-def test_paths_still_word_level_refuse_subword_checkpoints(checkpoint):
-    from brisklm.streaming.policies import interleaved_wait_k, offline
-    from brisklm.streaming.proactive.heads import Head, live_decode
+@torch.no_grad()
+def test_baselines_on_subword_checkpoints(checkpoint):
+    """Re-encoding (strict wait-k), offline and interleaved: words from the WordDecoder, delays at first tokens."""
+    from brisklm.streaming.policies import interleaved_wait_k, offline, reencode_wait_k
 
     _, model, tok = checkpoint
-    for call in (lambda: offline(model, tok, [["hello"]]), lambda: interleaved_wait_k(model, tok, [["hello"]], 1),
+    strict = reencode_wait_k(model, tok, SOURCES, 2, strict=True)
+    for src, out in zip(SOURCES, strict.outputs):
+        assert out.words and out.delays == [min(2 + j, len(src)) for j in range(len(out.words))]
+    for src, out in zip(SOURCES, offline(model, tok, SOURCES).outputs):
+        assert out.words and set(out.delays) == {len(src)}
+    for src, out in zip(SOURCES, interleaved_wait_k(model, tok, SOURCES, 2).outputs):
+        assert out.words and len(out.delays) == len(out.words)
+        assert out.delays == sorted(out.delays) and 2 <= out.delays[0] and out.delays[-1] <= len(src)
+
+
+def test_interleaved_sequence_reads_before_the_next_word_may_start(checkpoint):
+    """Arrival order on subwords: after a word's first token come the reads the next word needs."""
+    from brisklm.streaming.policies import interleaved_sequence
+
+    _, _, tok = checkpoint
+    frame = stream_frame(tok)
+    src, tgt = word_segments(tok, ["hello", "worldwide"]), word_segments(tok, ["hallo", "Welt"])
+    seq = interleaved_sequence(tok, ["hello", "worldwide"], ["hallo", "Welt"], 1)
+    expected = [*frame.prompt, *src[0], tgt[0][0], *src[1], *tgt[0][1:], tgt[1][0], *frame.header, *tgt[1][1:],
+                frame.target_end]
+    assert seq["input_ids"] == expected
+    labelled = [t for t, lab in zip(seq["input_ids"], seq["labels"]) if lab != -100]
+    assert labelled == [*tgt[0], *tgt[1], frame.target_end]
+
+
+def test_decision_heads_still_refuse_subword_checkpoints(checkpoint):
+    from brisklm.streaming.proactive.heads import Head, adaptive_decode, live_decode
+
+    _, model, tok = checkpoint
+    for call in (lambda: adaptive_decode(model, tok, [["hello"]], Head("entropy"), 0.5),
                  lambda: live_decode(model, tok, ["hello"], Head("entropy"), 0.5)):
         with pytest.raises(BriskError, match="one token per word"):
             call()

@@ -40,6 +40,35 @@ class GroupVisibility:
         return ((q_group == k_group) & causal) | cross  # (B, Tq, Tk)
 
 
+class TargetWords:
+    """Written target ids -> completed (word, delay) pairs, a word's delay being the source words read when its
+    first token was written. Word-level tokenizers: every id is a word. Subword: the text layer's WordDecoder."""
+
+    def __init__(self, text: TextLayer) -> None:
+        self.text, self.decoder, self.open_delay = text, text.decoder(), 0
+
+    @property
+    def open(self) -> bool:
+        """A word has started and is not complete yet."""
+        return bool(self.decoder.pending)
+
+    def feed(self, token: int, words_read: int) -> list[tuple[str, int]]:
+        """The words this written token completes; a token that starts a word opens it at `words_read`."""
+        if self.text.word_level:
+            return [(self.text.tokenizer.convert_ids_to_tokens(token), words_read)]
+        words = self.decoder.feed(token)
+        if self.text.is_special(token):  # a special token is its own word, written now
+            return [(w, self.open_delay) for w in words[:-1]] + [(words[-1], words_read)]
+        done = [(w, self.open_delay) for w in words]
+        if self.decoder.pending == [token]:
+            self.open_delay = words_read
+        return done
+
+    def finish(self) -> list[tuple[str, int]]:
+        """End of the target: the open word, if any."""
+        return [(w, self.open_delay) for w in self.decoder.finish()]
+
+
 @dataclass
 class StreamOutput:
     """One stream's written words, the source words read before each (delays), and the source length."""
@@ -85,8 +114,7 @@ class StreamingSession:
         self.tgt_tokens = [0] * batch_size  # target tokens fed per stream
         self.pending = [list(self.frame.header) for _ in range(batch_size)]  # target ids to feed next (header first)
         self.written = [[] for _ in range(batch_size)]  # target ids written per stream (the end marker excluded)
-        self.decoders = [self.text.decoder() for _ in range(batch_size)]  # subword ids -> completed words
-        self.open_delay = [0] * batch_size  # delay of the word still being written (subword tokenizers)
+        self.target_words = [TargetWords(self.text) for _ in range(batch_size)]  # written ids -> words, delays
         self.new_words: list[list[tuple[str, int]]] = [[] for _ in range(batch_size)]  # completed by the last write
         self.closed = [False] * batch_size
         self.done = [False] * batch_size
@@ -169,7 +197,7 @@ class StreamingSession:
 
     def words_started(self, stream: int) -> int:
         """Target words written so far, the one still open (subword tokenizers) included."""
-        return len(self.outputs[stream].words) + int(bool(self.decoders[stream].pending))
+        return len(self.outputs[stream].words) + int(self.target_words[stream].open)
 
     def _feed_prefix(self, streams: Sequence[int]) -> None:
         """Feed all but the last pending id of the given streams (a multi-token header) without logits."""
@@ -260,7 +288,7 @@ class StreamingSession:
             self.pending[b] = [token]
             self.written[b].append(token)
             written[b] = self.tokenizer.convert_ids_to_tokens(token)
-            self._add_words(b, self._complete_words(b, token))
+            self._add_words(b, self.target_words[b].feed(token, self.words_read(b)))
             if self.max_target_words is not None and self.words_started(b) >= self.max_target_words:
                 self.stop(b)
         return written
@@ -269,19 +297,6 @@ class StreamingSession:
         columns = torch.zeros(1, vocab, dtype=torch.bool)
         columns[0, [i for i in self.frame.ends if i < vocab]] = True
         return columns
-
-    def _complete_words(self, stream: int, token: int) -> list[tuple[str, int]]:
-        """(word, delay) pairs this written token completes; a token that starts a word opens its delay."""
-        if self.text.word_level:
-            return [(self.tokenizer.convert_ids_to_tokens(token), self.words_read(stream))]
-        decoder, now = self.decoders[stream], self.words_read(stream)
-        words = decoder.feed(token)
-        if self.text.is_special(token):  # a special token is its own word, written now
-            return [(w, self.open_delay[stream]) for w in words[:-1]] + [(words[-1], now)]
-        done = [(w, self.open_delay[stream]) for w in words]
-        if decoder.pending == [token]:
-            self.open_delay[stream] = now
-        return done
 
     def _add_words(self, stream: int, words: list[tuple[str, int]]) -> None:
         output = self.outputs[stream]
@@ -296,8 +311,7 @@ class StreamingSession:
             return
         self.done[stream] = True
         self.outputs[stream].truncated = self.outputs[stream].truncated or truncated
-        if not self.text.word_level:
-            self._add_words(stream, [(w, self.open_delay[stream]) for w in self.decoders[stream].finish()])
+        self._add_words(stream, self.target_words[stream].finish())
 
     def _retract_last_target(self, stream: int) -> None:
         """Mark the stream's newest target key invalid in every layer (a per-stream rollback inside a batch)."""
