@@ -2,7 +2,7 @@
 
 import torch
 
-from brisklm.core.cache import KVCache, cat_meta
+from brisklm.core.cache import GROW_AFTER, KVCache, cat_meta
 
 
 def _step(t: int, n: int = 1, batch: int = 2, heads: int = 2, dim: int = 4):
@@ -17,7 +17,7 @@ def test_appends_equal_torch_cat_and_survive_outside_edits():
     cache = KVCache(2)
     ref_k, ref_v, ref_m = [None, None], [None, None], [{}, {}]
     t = 0
-    for step in range(90):
+    for step in range(2 * GROW_AFTER):
         n = 1 if step % 7 else 3  # mostly one token, sometimes a segment
         for layer in range(2):
             keys, values, meta = _step(100 * layer + t, n)
@@ -29,25 +29,27 @@ def test_appends_equal_torch_cat_and_survive_outside_edits():
             assert got_m.keys() == ref_m[layer].keys()
             assert all(torch.equal(got_m[name], ref_m[layer][name]) for name in got_m)
         t += n
-        if step == 40:  # the streaming engine retracts a key by replacing a metadata tensor
+        if step in (40, GROW_AFTER + 40):  # the streaming engine retracts a key by replacing a metadata tensor
             for layer, held in enumerate(cache.layers):
                 valid = held.meta["valid"].clone()
                 valid[0, -1] = False
                 held.meta["valid"] = valid
                 ref_m[layer]["valid"] = valid.clone()
-    assert cache.get_seq_length(1) == t
+    assert cache.get_seq_length(1) == t > 2 * GROW_AFTER
+    assert cache.layers[0].capacity > cache.layers[0].length  # the last appends went into a grown buffer
 
 
 def test_growth_is_geometric_and_earlier_views_are_untouched():
     cache = KVCache(1)
     buffers, first = set(), None
-    for t in range(500):
+    for t in range(GROW_AFTER + 1500):
         keys, _, _ = cache.update(*_step(t), 0)
-        buffers.add(cache.layers[0].keys.untyped_storage().data_ptr())
-        if t == 10:
+        if t >= GROW_AFTER:
+            buffers.add(cache.layers[0].keys.untyped_storage().data_ptr())
+        if t == GROW_AFTER + 10:
             first = keys.clone(), keys
-    assert cache.layers[0].capacity >= 500 and cache.layers[0].capacity < 1000
-    assert len(buffers) <= 7  # first write + reallocations at 32, 64, ..., 512 (a cat per token would give 500)
+    assert GROW_AFTER + 1500 <= cache.layers[0].capacity < 2 * (GROW_AFTER + 1500)
+    assert len(buffers) <= 4  # doublings past GROW_AFTER (a cat per token would give 1500 storages)
     assert torch.equal(first[0], first[1])  # a view handed out earlier never changes
 
 

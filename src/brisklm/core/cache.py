@@ -24,16 +24,17 @@ def cat_meta(parts: list[RowMeta]) -> RowMeta:
     return {k: torch.cat([p[k] for p in parts], dim=1) for k in keys}
 
 
-MIN_CAPACITY = 32  # keys of room a layer's buffer starts with once it grows past its first write
+GROW_AFTER = 256  # below this many keys an append is a plain torch.cat (cheaper per call than buffer views)
 
 
 @dataclass
 class LayerKV:
     """Keys and values of one layer, (B, H_kv, T, head_dim), with (B, T) metadata per key.
 
-    `keys`, `values` and `meta` are what the layer holds (assign them freely). Appends write into a preallocated
-    buffer that grows geometrically, so a token-by-token stream does not copy the whole cache at every step;
-    `keys` etc. are then views of its first `length` slots (an assignment from outside simply detaches them).
+    `keys`, `values` and `meta` are what the layer holds (assign them freely). Once a layer holds GROW_AFTER
+    keys, appends write into a preallocated buffer that doubles when full, so a token-by-token stream does not
+    copy the whole cache at every step; `keys` etc. are then views of its first `length` slots (an assignment
+    from outside simply detaches them). Shorter layers concatenate, which costs less per call at that size.
     """
 
     keys: torch.Tensor | None = None
@@ -57,15 +58,17 @@ class LayerKV:
             self.keys, self.values, self.meta = keys, values, dict(meta)
             self._buffers = self._views = None
             return
-        if not self._can_grow_in_place(keys, values, meta):
+        current = self._buffers_current()
+        short = not current and self.length + keys.shape[2] < GROW_AFTER
+        if short or not self._can_grow_in_place(keys, values, meta):
             self.keys = torch.cat([self.keys, keys], dim=2)
             self.values = torch.cat([self.values, values], dim=2)
             self.meta = cat_meta([self.meta, meta])
             self._buffers = self._views = None
             return
         old, new = self.length, self.length + int(keys.shape[2])
-        if not self._buffers_current() or self._buffers[0].shape[2] < new:
-            self._reallocate(max(new, 2 * old, MIN_CAPACITY))
+        if not current or self._buffers[0].shape[2] < new:
+            self._reallocate(max(new, 2 * old))
         bk, bv, bm = self._buffers
         n = new - old
         bk.narrow(2, old, n).copy_(keys)
