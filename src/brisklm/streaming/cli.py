@@ -9,6 +9,7 @@ from pathlib import Path
 
 from brisklm.core.device import add_device_args, device_kwargs
 from brisklm.core.inspect import causal_lm_only, word_level_only
+from brisklm.core.text import TextLayer, add_text_args, text_options
 from brisklm.errors import BriskError
 from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, OFFLINE_K, reads_before, target_limit
 
@@ -101,7 +102,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
     k = OFFLINE_K if args.policy == "offline" else check_k(args.k)
     torch.set_num_threads(1)
     loaded = load(args.model, **device_kwargs(args))
-    session = StreamingSession(loaded.model, loaded.tokenizer, phi=args.phi)
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
+    session = StreamingSession(loaded.model, text, phi=args.phi, instruction=args.instruction)
     source = _stdin_words(sys.stdin) if args.text is None else iter(args.text.split())
 
     def write_while_allowed(closed: bool) -> None:
@@ -199,5 +201,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--phi", type=int, default=0)
     p.add_argument("--text", default=None, help="source text instead of stdin")
     p.add_argument("--max-words", type=int, default=256, help="stop after this many target words")
+    p.add_argument("--instruction", default=None,
+                   help="text that opens the source group, e.g. 'Translate the following English text to German:' "
+                        "(inside the chat template's user turn when the tokenizer has one)")
+    add_text_args(p)
     add_device_args(p)
     p.set_defaults(func=cmd_translate)

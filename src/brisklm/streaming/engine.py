@@ -97,14 +97,15 @@ class StreamingSession:
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 1, *, phi: int = 0, positions: str = "group",
-                 max_target_words: int | None = None, record_attention: bool = False) -> None:
+                 max_target_words: int | None = None, record_attention: bool = False,
+                 instruction: str | None = None) -> None:
         if batch_size < 1:
             raise BriskError(f"batch_size must be >= 1, got {batch_size}")
         if positions not in ("group", "contiguous"):
             raise BriskError(f"the engine supports positions 'group' or 'contiguous' (of {POSITION_MODES}), got {positions!r}")
         self.text = tokenizer if isinstance(tokenizer, TextLayer) else TextLayer.for_model(model, tokenizer)
         self.model, self.tokenizer, self.batch_size = model, self.text.tokenizer, batch_size
-        self.frame = stream_frame(self.text)
+        self.frame = stream_frame(self.text, instruction)
         self.phi, self.positions, self.max_target_words = phi, positions, max_target_words
         layers = ModelAdapter.from_model(model).num_layers
         self.source_cache, self.target_cache = KVCache(layers), KVCache(layers)
@@ -165,7 +166,8 @@ class StreamingSession:
         for b, w in enumerate(per_stream):
             if w and self.closed[b]:
                 raise BriskError(f"stream {b} is closed: it cannot read more source words")
-        segments = [self.text.word_segments(list(w), at_start=self.src_segments[b] == 0) if w else []
+        segments = [self.text.word_segments(list(w), self.src_segments[b] == 0 and self.frame.first_at_start)
+                    if w else []
                     for b, w in enumerate(per_stream)]  # unknown words raise here
         first = [self.src_segments[b] + 1 for b in range(self.batch_size)]
         self._append_source(segments, first)
@@ -182,7 +184,7 @@ class StreamingSession:
                 raise BriskError(f"stream {b} is already closed: close each stream once")
             if self.src_segments[b] == 0:
                 raise BriskError(f"stream {b} is empty: read at least one source word before closing it")
-        segments = [[[self.frame.source_end]] if b in chosen else [] for b in range(self.batch_size)]
+        segments = [[list(self.frame.source_end)] if b in chosen else [] for b in range(self.batch_size)]
         first = [self.src_segments[b] + 1 for b in range(self.batch_size)]
         self._append_source(segments, first)
         for b in chosen:
@@ -334,14 +336,15 @@ class StreamingSession:
 
 
 def reference_logits(model, tokenizer, source_words: Sequence[str], target_ids: Sequence[int], k: int,
-                     mode: str = "group", phi: int = 0) -> torch.Tensor:
+                     mode: str = "group", phi: int = 0, instruction: str | None = None) -> torch.Tensor:
     """(m+1, V) logits of the rows that predict target token 1 .. the end marker, from one full masked pass
     (target ids are grouped into words as the engine's WordDecoder groups them)."""
     from brisklm.core import MatrixVisibility
     from brisklm.streaming.gpe import build_layout, collate
 
-    layout = build_layout(tokenizer, source_words, target_segments=token_words(tokenizer, target_ids))
-    batch = collate([layout], [k], stream_frame(tokenizer).pad, mode=mode, phi=phi)
+    layout = build_layout(tokenizer, source_words, target_segments=token_words(tokenizer, target_ids),
+                          instruction=instruction)
+    batch = collate([layout], [k], stream_frame(tokenizer, instruction).pad, mode=mode, phi=phi)
     plan = Plan(position_ids=batch["position_ids"].to(model.device), visibility=MatrixVisibility(batch["visibility"].to(model.device)))
     with torch.no_grad():
         logits = execute(model, batch["input_ids"].to(model.device), plan=plan,

@@ -94,26 +94,73 @@ class StreamLayout:
 
 @dataclass(frozen=True)
 class StreamFrame:
-    """The special segments of a stream for one tokenizer (plain framing)."""
+    """The special segments of a stream for one tokenizer: plain, or the chat template's turns.
 
-    prompt: tuple[int, ...]  # source segment 0: (bos,) or () when the tokenizer has no BOS
-    header: tuple[int, ...]  # target segment 0: the sep token, else the ids of "\n"
-    source_end: int  # the end-of-source marker (eos)
-    target_end: int  # what a training target ends with (eos)
+    Plain: source `[bos] | words | eos`, target `sep (or "\\n") | words | eos`. Chat template (the tokenizer
+    has one and it is not turned off): the source group starts with the template up to the user's content plus
+    the instruction, and ends with the user turn's closing (`<|im_end|>\\n`); the target group starts with the
+    assistant header (`<|im_start|>assistant\\n`) and ends with the end-of-turn token. A template without an
+    assistant header (Mistral's `[INST] .. [/INST]`) puts the closing in the target group as its header and
+    ends the source with eos.
+    """
+
+    prompt: tuple[int, ...]  # source segment 0 (may be empty: no BOS, no template, no instruction)
+    header: tuple[int, ...]  # target segment 0 (never empty)
+    source_end: tuple[int, ...]  # the end-of-source segment (never empty)
+    target_end: int  # what a training target ends with (eos, or the template's end-of-turn token)
     ends: frozenset[int]  # every id that ends a written target (all eos ids, the end-of-turn token)
     pad: int
+    first_at_start: bool = True  # the first source word starts the text (no instruction before it)
+    batch_separator: tuple[int, ...] = ()  # between source and target in one-group layouts (re-encoding, interleaved)
 
 
-def stream_frame(tokenizer: object) -> StreamFrame:
-    """The frame of a tokenizer (or TextLayer): roles from the text layer, so no BOS / no pad / several eos work."""
+CHAT_MARK = "brisk_source_marker"  # stands for the source text when the chat template is rendered
+
+
+def stream_frame(tokenizer: object, instruction: str | None = None) -> StreamFrame:
+    """The frame of a tokenizer (or TextLayer): roles from the text layer (no BOS / no pad / several eos), the
+    chat template when the layer uses one, and an optional instruction that opens the source group."""
     text = as_text_layer(tokenizer)
     roles = text.roles
-    prompt = () if roles.bos_id is None else (roles.bos_id,)
+    instruction = (instruction or "").strip()
+    ends = frozenset({*roles.eos_ids, text.end_id})
+    if text.chat_template:
+        return _chat_frame(text, instruction, ends)
+    prompt = (() if roles.bos_id is None else (roles.bos_id,)) + tuple(text.encode(instruction) if instruction else ())
     header = tuple(text.separator_ids)
     if not header:
         raise BriskError("the tokenizer has no sep token and encodes '\\n' to nothing: no target header")
-    return StreamFrame(prompt, header, roles.eos_id, roles.eos_id, frozenset({*roles.eos_ids, text.end_id}),
-                       roles.pad_id)
+    return StreamFrame(prompt, header, (roles.eos_id,), roles.eos_id, ends, roles.pad_id, not instruction, header)
+
+
+def _chat_frame(text: TextLayer, instruction: str, ends: frozenset[int]) -> StreamFrame:
+    tok = text.tokenizer
+    content = f"{instruction} {CHAT_MARK}" if instruction else CHAT_MARK
+    messages = ([{"role": "system", "content": text.system_prompt}] if text.system_prompt else []) + [
+        {"role": "user", "content": content}]
+    turn = tok.apply_chat_template(messages, tokenize=False)
+    with_header = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    at = turn.find(CHAT_MARK)
+    if at < 0 or not with_header.startswith(turn[:at + len(CHAT_MARK)]):
+        raise BriskError("the chat template does not render the user's text verbatim; pass --no-chat-template")
+
+    def ids(piece: str) -> tuple[int, ...]:
+        return tuple(int(i) for i in tok(piece, add_special_tokens=False)["input_ids"]) if piece else ()
+
+    prefix, closing = turn[:at], turn[at + len(CHAT_MARK):]
+    generation = with_header[at + len(CHAT_MARK):]
+    header_text = generation[len(closing):] if generation.startswith(closing) else ""
+    if header_text.strip():
+        source_end, header = ids(closing), ids(header_text)
+        separator = ids(generation)
+    else:  # no assistant header: the user turn's closing opens the target, eos ends the source
+        source_end, header = (text.roles.eos_id,), ids(generation)
+        separator = header
+    if not source_end or not header:
+        raise BriskError("the chat template has no text after the user's turn to mark where the reply starts; "
+                         "pass --no-chat-template")
+    return StreamFrame(ids(prefix.rstrip(" ") if instruction else prefix), header, source_end, text.end_id, ends,
+                       text.roles.pad_id, not instruction, separator)
 
 
 def word_segments(tokenizer: object, words: Sequence[str], at_start: bool = True) -> list[list[int]]:
@@ -137,14 +184,16 @@ def token_words(tokenizer: object, ids: Sequence[int]) -> list[list[int]]:
 
 
 def build_layout(tokenizer, source_words: Sequence[str], target_words: Sequence[str] = (), *,
-                 target_segments: Sequence[Sequence[int]] | None = None) -> StreamLayout:
-    """The GPE layout of a source sentence and (for training) its target sentence (words, or id segments)."""
+                 target_segments: Sequence[Sequence[int]] | None = None, instruction: str | None = None) -> StreamLayout:
+    """The GPE layout of a source sentence and (for training) its target sentence (words, or id segments);
+    `tokenizer` may be a TextLayer (its chat-template setting picks the frame)."""
     if not source_words:
         raise BriskError("the source stream is empty: pass at least one source word")
-    frame = stream_frame(tokenizer)
+    frame = stream_frame(tokenizer, instruction)
     if target_segments is None:
         target_segments = word_segments(tokenizer, target_words) if len(target_words) else []
-    source = [list(frame.prompt), *word_segments(tokenizer, source_words), [frame.source_end]]
+    source = [list(frame.prompt), *word_segments(tokenizer, source_words, frame.first_at_start),
+              list(frame.source_end)]
     target = [list(frame.header), *[list(seg) for seg in target_segments], [frame.target_end]]
     return StreamLayout(source, target, next_segment_rows=True)
 

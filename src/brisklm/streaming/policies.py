@@ -61,7 +61,7 @@ def token_limit(n: int) -> int:
 
 def gpe_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, batch_size: int = 32, phi: int = 0,
                positions: str = "group", forced: Sequence[Sequence[int]] | None = None,
-               keep_logits: bool = False) -> DecodeResult:
+               keep_logits: bool = False, instruction: str | None = None) -> DecodeResult:
     """Wait-k with the two-cache engine: every source and target token is encoded once (forced = teacher ids).
 
     Works on any tokenizer: k counts source words, a target word's delay is taken at its first token, and
@@ -73,7 +73,7 @@ def gpe_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: int, *, ba
     for start in range(0, len(sources), batch_size):
         chunk = [list(s) for s in sources[start:start + batch_size]]
         chunk_forced = None if forced is None else [list(f) for f in forced[start:start + batch_size]]
-        session = StreamingSession(model, tokenizer, len(chunk), phi=phi, positions=positions)
+        session = StreamingSession(model, tokenizer, len(chunk), phi=phi, positions=positions, instruction=instruction)
         logits: list[list[torch.Tensor]] = [[] for _ in chunk]
         extra = [0] * len(chunk)  # words read beyond wait-k because the model wanted to end early
         while not all(session.done):
@@ -120,14 +120,14 @@ def _text(model, tokenizer) -> TextLayer:
     return tokenizer if isinstance(tokenizer, TextLayer) else TextLayer.for_model(model, tokenizer)
 
 
-def _ids(text: TextLayer, words: Sequence[str]) -> list[int]:
+def _ids(text: TextLayer, words: Sequence[str], at_start: bool = True) -> list[int]:
     """Ids of source words (the text layer's segments, concatenated)."""
-    return [t for seg in word_segments(text, list(words)) for t in seg] if words else []
+    return [t for seg in word_segments(text, list(words), at_start) for t in seg] if words else []
 
 
 def _batch_prefix_ids(text: TextLayer, source: Sequence[str], target: Sequence[int]) -> list[int]:
     frame = stream_frame(text)
-    return [*frame.prompt, *_ids(text, source), *frame.header, *target]
+    return [*frame.prompt, *_ids(text, source, frame.first_at_start), *frame.batch_separator, *target]
 
 
 @torch.no_grad()
@@ -222,7 +222,7 @@ def interleaved_sequence(tokenizer, source: Sequence[str], target: Sequence[str]
     started), so a multi-token word is trained as the decoder writes it."""
     check_k(k)
     frame = stream_frame(tokenizer)
-    src = [*word_segments(tokenizer, list(source)), list(frame.header)]
+    src = [*word_segments(tokenizer, list(source), frame.first_at_start), list(frame.batch_separator)]
     tgt_words = word_segments(tokenizer, list(target)) if len(target) else []
     ids, labels = list(frame.prompt), [IGNORE] * len(frame.prompt)
     read = started = 0
@@ -253,7 +253,7 @@ def interleaved_wait_k(model, tokenizer, sources: Sequence[Sequence[str]], k: in
     pad = frame.pad
     for start in range(0, len(sources), batch_size):
         chunk = [list(s) for s in sources[start:start + batch_size]]
-        src_segs = [[*word_segments(text, s), list(frame.header)] for s in chunk]
+        src_segs = [[*word_segments(text, s, frame.first_at_start), list(frame.batch_separator)] for s in chunk]
         outs = [StreamOutput(source_words=len(s)) for s in chunk]
         words = [TargetWords(text) for _ in chunk]
         written = [0] * len(chunk)
