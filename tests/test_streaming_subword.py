@@ -182,3 +182,20 @@ def test_decision_heads_still_refuse_subword_checkpoints(checkpoint):
                  lambda: live_decode(model, tok, ["hello"], Head("entropy"), 0.5)):
         with pytest.raises(BriskError, match="one token per word"):
             call()
+
+
+def test_bad_source_text_gets_one_clear_error(checkpoint):
+    style, model, tok, instruction = checkpoint
+    session = StreamingSession(model, tok, instruction=instruction)
+    with pytest.raises(BriskError, match="empty"):
+        session.close()
+    with pytest.raises(BriskError, match="whitespace"):
+        session.read(["two words"])
+    if style in ("mistral", "gemma2"):  # SentencePiece-style fixtures have no byte fallback: 日本 is <unk>
+        with pytest.raises(BriskError, match="cannot encode"):
+            session.read(["fine", "日本"])
+    else:  # byte-level BPE encodes any text
+        assert sum(len(seg) for seg in word_segments(tok, ["日本"])) >= 2
+    session.read(["fine"])  # the session carries on
+    session.close()
+    assert session.finish(max_target_words=2)[0].source_words == 1

@@ -24,7 +24,7 @@ from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import RowMeta
 from brisklm.core.text import TextLayer
 from brisklm.errors import BriskError
-from brisklm.streaming.gpe import POSITION_MODES, stream_frame, token_words
+from brisklm.streaming.gpe import POSITION_MODES, stream_frame, token_words, word_segments
 
 SOURCE, TARGET = 0, 1
 
@@ -166,7 +166,7 @@ class StreamingSession:
         for b, w in enumerate(per_stream):
             if w and self.closed[b]:
                 raise BriskError(f"stream {b} is closed: it cannot read more source words")
-        segments = [self.text.word_segments(list(w), self.src_segments[b] == 0 and self.frame.first_at_start)
+        segments = [word_segments(self.text, list(w), self.src_segments[b] == 0 and self.frame.first_at_start)
                     if w else []
                     for b, w in enumerate(per_stream)]  # unknown words raise here
         first = [self.src_segments[b] + 1 for b in range(self.batch_size)]

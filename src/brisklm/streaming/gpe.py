@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 import torch
 
 from brisklm.core.text import TextLayer, as_text_layer
-from brisklm.errors import BriskError
+from brisklm.errors import BriskError, VocabularyError
 
 PositionMode = Literal["group", "contiguous", "arrival"]
 POSITION_MODES: tuple[str, ...] = ("group", "contiguous", "arrival")
@@ -164,8 +164,18 @@ def _chat_frame(text: TextLayer, instruction: str, ends: frozenset[int]) -> Stre
 
 
 def word_segments(tokenizer: object, words: Sequence[str], at_start: bool = True) -> list[list[int]]:
-    """One id list per word through the text layer (`at_start=False`: the words continue earlier text)."""
-    return as_text_layer(tokenizer).word_segments(list(words), at_start)
+    """One id list per word through the text layer (`at_start=False`: the words continue earlier text).
+
+    A word the tokenizer can only encode as its unknown token is refused (VocabularyError naming the word)."""
+    text = as_text_layer(tokenizer)
+    segments = text.word_segments(list(words), at_start)
+    unk = text.roles.unk_id
+    if unk is not None and not text.word_level:
+        bad = [w for w, seg in zip(words, segments) if unk in seg]
+        if bad:
+            raise VocabularyError(f"the tokenizer cannot encode word(s) {bad[:3]!r} (they become its unknown token); "
+                                  "remove or transliterate them")
+    return segments
 
 
 def token_words(tokenizer: object, ids: Sequence[int]) -> list[list[int]]:
