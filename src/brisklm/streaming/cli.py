@@ -8,15 +8,15 @@ import tempfile
 from pathlib import Path
 
 from brisklm.core.device import add_device_args, device_kwargs
-from brisklm.core.inspect import causal_lm_only, word_level_only
+from brisklm.core.inspect import causal_lm_only
 from brisklm.core.text import TextLayer, add_text_args, text_options
 from brisklm.errors import BriskError
 from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, OFFLINE_K, reads_before, target_limit
 
 
 # What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
-# stream translate: wait-k and offline run on any tokenizer; the decision heads still refuse subword ones
-CHECKPOINT_SUPPORT = {"stream train": word_level_only, "stream translate": causal_lm_only}
+# wait-k and offline (translate) and GPE training run on any tokenizer; ProactiveLLM still refuses subword ones
+CHECKPOINT_SUPPORT = {"stream train": causal_lm_only, "stream translate": causal_lm_only}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -38,16 +38,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise BriskError("--steps and --n-train must be positive")
     if args.spsd is not None and args.objective != "proactive":
         raise BriskError("--spsd applies to --objective proactive only: add --objective proactive or drop --spsd")
+    if args.objective == "proactive" and (args.data is not None or args.instruction is not None):
+        raise BriskError("--data and --instruction apply to --objective gpe for now (ProactiveLLM trains on its "
+                         "built-in task)")
     loaded = load(args.model, **device_kwargs(args))
     torch.set_num_threads(args.threads)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
     if args.objective == "proactive":
         return _train_proactive(args, loaded, k_range, options, out)
-    task = get_task("translation")
-    examples = task.examples("train", args.n_train, seed=args.seed)
-    print(f"fine-tuning {loaded.path} with the GPE wait-k mask, k in {k_range[0]}..{k_range[1]}", flush=True)
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
+    if args.data is not None:
+        from brisklm.streaming.data import check_encodable, read_parallel
+
+        examples = read_parallel(args.data)
+        check_encodable(text, examples, args.instruction, name=Path(args.data).name)
+        what = f"{len(examples)} pairs of {Path(args.data).name}"
+    else:
+        examples = get_task("translation").examples("train", args.n_train, seed=args.seed)
+        what = "the built-in synthetic translation task"
+    print(f"fine-tuning {loaded.path} with the GPE wait-k mask, k in {k_range[0]}..{k_range[1]}, on {what}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        stats = train_gpe(loaded.model, loaded.tokenizer, examples, k_range, options, tmp, phi=args.phi)
+        stats = train_gpe(loaded.model, text, examples, k_range, options, tmp, phi=args.phi,
+                          instruction=args.instruction)
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
@@ -188,6 +200,11 @@ def add_commands(subparsers) -> None:
                    help="with --objective proactive: weight of the full-context self-distillation KL (default 0)")
     p.add_argument("--n-probe", type=int, default=600, help="training sentences whose rows label the probe")
     p.add_argument("--probe-steps", type=int, default=1500, help="optimizer steps of the probe's logistic regression")
+    p.add_argument("--data", default=None,
+                   help="your parallel corpus: .jsonl with fields source and target, or .tsv source<TAB>target "
+                        "(default: the built-in synthetic translation task)")
+    p.add_argument("--instruction", default=None, help="text that opens the source group (see stream translate)")
+    add_text_args(p)
     add_device_args(p, training=True)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("translate", help="read source words from stdin, print each target word with its delay")
