@@ -148,12 +148,13 @@ def test_baselines_on_subword_checkpoints(checkpoint):
     from brisklm.streaming.policies import interleaved_wait_k, offline, reencode_wait_k
 
     _, model, tok, instruction = checkpoint
-    strict = reencode_wait_k(model, tok, SOURCES, 2, strict=True)
-    for src, out in zip(SOURCES, strict.outputs):
+    short = SOURCES[1:]  # random weights write runaway words up to the token cap; keep the re-encoding short
+    strict = reencode_wait_k(model, tok, short, 2, strict=True)
+    for src, out in zip(short, strict.outputs):
         assert out.words and out.delays == [min(2 + j, len(src)) for j in range(len(out.words))]
-    for src, out in zip(SOURCES, offline(model, tok, SOURCES).outputs):
+    for src, out in zip(short, offline(model, tok, short).outputs):
         assert out.words and set(out.delays) == {len(src)}
-    for src, out in zip(SOURCES, interleaved_wait_k(model, tok, SOURCES, 2).outputs):
+    for src, out in zip(short, interleaved_wait_k(model, tok, short, 2).outputs):
         assert out.words and len(out.delays) == len(out.words)
         assert out.delays == sorted(out.delays) and 2 <= out.delays[0] and out.delays[-1] <= len(src)
 
