@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from brisklm.streaming.proactive_bench import curve_area, frontier, pareto
+from brisklm.streaming.proactive.bench import curve_area, frontier, pareto
 
 
 def test_frontier_is_the_best_bleu_within_a_latency():
@@ -36,7 +36,7 @@ def test_pareto_keeps_only_undominated_points():
 def test_sweep_refines_where_the_curve_jumps():
     import torch
 
-    from brisklm.streaming.proactive_bench import sweep, threshold_at
+    from brisklm.streaming.proactive.bench import sweep, threshold_at
 
     signal = torch.linspace(0.0, 1.0, 1001)  # entropy-like: WRITE if below the threshold
     assert threshold_at("entropy", signal, 0.3) == pytest.approx(0.7)

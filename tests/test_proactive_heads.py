@@ -7,11 +7,11 @@ import torch
 
 from brisklm.errors import BriskError
 from brisklm.streaming.engine import reference_logits
-from brisklm.streaming.heads import (Head, LinearProbe, adaptive_decode, always_write, auroc, entropy_of,
+from brisklm.streaming.proactive.heads import (Head, LinearProbe, adaptive_decode, always_write, auroc, entropy_of,
                                      live_decode, load_probe, make_head, never_write, save_probe, sufficiency_data,
                                      train_probe)
 from brisklm.streaming.policies import OFFLINE_K, gpe_wait_k, target_limit
-from brisklm.streaming.proactive import ScheduleOptions
+from brisklm.streaming.proactive.train import ScheduleOptions
 from brisklm.tasks.tokenizer import build_word_tokenizer
 from brisklm.tasks.translation import TranslationTask
 from brisklm.zoo.architecture import new_model, tiny_llama_config

@@ -7,8 +7,8 @@ T=0.9 gives 97.3 at LAAL 2.47. Floors keep wide margins below these numbers.
 
 import pytest
 
-from brisklm.streaming.heads import Head, auroc, load_probe, sufficiency_data
-from brisklm.streaming.proactive_bench import evaluate
+from brisklm.streaming.proactive.heads import Head, auroc, load_probe, sufficiency_data
+from brisklm.streaming.proactive.bench import evaluate
 from brisklm.streaming.proactive_zoo import proactive_task
 
 

@@ -7,7 +7,7 @@ import torch
 
 from brisklm.errors import BriskError
 from brisklm.streaming.gpe import build_layout, collate
-from brisklm.streaming.proactive import (ProactiveCollator, ScheduleOptions, collate_views, full_schedule, row_sees,
+from brisklm.streaming.proactive.train import (ProactiveCollator, ScheduleOptions, collate_views, full_schedule, row_sees,
                                          sample_schedule, spsd_from_logits, spsd_loss, train_proactive, view_logits)
 from brisklm.streaming.train import stream_features, streaming_loss
 from brisklm.tasks.tokenizer import build_word_tokenizer

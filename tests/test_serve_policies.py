@@ -13,9 +13,9 @@ from brisklm.serve.app import create_app
 from brisklm.serve.client import recv_frame, translate_over_ws
 from brisklm.serve.server import BackgroundServer
 from brisklm.serve.sessions import Limits
-from brisklm.streaming.heads import adaptive_decode, live_decode
+from brisklm.streaming.proactive.heads import adaptive_decode, live_decode
 from brisklm.streaming.proactive_zoo import proactive_task
-from brisklm.streaming.serve_policies import served_head
+from brisklm.serve.method_policies import served_head
 from test_serve_ws import get_json, run, wait_for_sessions
 
 T = 60  # seconds: every wait on the server is bounded
@@ -103,7 +103,8 @@ def test_head_policy_options_and_cli_errors(proactive, capsys):
 
 
 def test_thinker_policy_over_ws_matches_thinker_session(thinker):
-    from brisklm.streaming.thinker import ThinkerSession, thinker_task
+    from brisklm.streaming.thinker.data import thinker_task
+    from brisklm.streaming.thinker.session import ThinkerSession
 
     model, tok = thinker
     examples = thinker_task().examples("test", 3, seed=5)

@@ -10,22 +10,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from brisklm.cli import main
 from brisklm.core import Plan, execute
 from brisklm.errors import BriskError
-from brisklm.streaming.thinker import (
-    DEPTHS,
-    ThinkerSession,
-    parse_answer,
-    reference_logits,
-    streaming_cot,
-    think,
-    think_depths,
-    thinker_batch,
-    thinker_labels,
-    thinker_layout,
-    thinker_task,
-    thinker_tokenizer,
-    train_thinker,
-)
-from brisklm.streaming.thinker_cli import sentences
+from brisklm.streaming.thinker.data import (DEPTHS, streaming_cot, thinker_batch, thinker_labels, thinker_layout,
+                                           thinker_task, thinker_tokenizer)
+from brisklm.streaming.thinker.session import ThinkerSession, parse_answer, reference_logits, think, think_depths
+from brisklm.streaming.thinker.train import train_thinker
+from brisklm.streaming.thinker.cli import sentences
 from brisklm.tasks import get_task
 from brisklm.tasks.streaming_arithmetic import apply_op
 from brisklm.zoo.architecture import new_model, tiny_llama_config
@@ -240,7 +229,7 @@ def test_parse_answer():
 
 def test_training_lowers_the_streaming_loss(task, tok, tmp_path):
     from brisklm.streaming.train import streaming_loss
-    from brisklm.streaming.thinker import ThinkerCollator
+    from brisklm.streaming.thinker.data import ThinkerCollator
 
     config = tiny_llama_config(len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                eos_token_id=tok.eos_token_id, hidden_size=64, num_hidden_layers=2, intermediate_size=128)

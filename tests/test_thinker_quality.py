@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from brisklm.streaming.thinker import ThinkerSession, reference_logits, streaming_cot, thinker_task
-from brisklm.streaming.thinker_bench import decode_steps_after_last_input, waited_tokens
+from brisklm.streaming.thinker.data import streaming_cot, thinker_task
+from brisklm.streaming.thinker.session import ThinkerSession, reference_logits
+from brisklm.streaming.thinker.bench import decode_steps_after_last_input, waited_tokens
 from brisklm.streaming.thinker_zoo import BATCH_MODEL, STREAMING_MODEL, thinker_accuracy
 from brisklm.zoo.store import load
 

@@ -17,7 +17,7 @@ COMMAND_MODULES = [
     "brisklm.analysis.cli",
     "brisklm.pruning.cli",
     "brisklm.reasoning.cli",
-    "brisklm.streaming.thinker_cli",
+    "brisklm.streaming.thinker.cli",
     "brisklm.vision.cli",
     "brisklm.serve.cli",
     "brisklm.inspect_cli",

@@ -18,8 +18,8 @@ from brisklm.eval.progress import progress as _default_progress
 DEMO_MODULES: dict[str, str] = {
     "zoo": "brisklm.zoo.demo",
     "streaming": "brisklm.streaming.demo",
-    "proactive": "brisklm.streaming.proactive_demo",
-    "thinker": "brisklm.streaming.thinker_demo",
+    "proactive": "brisklm.streaming.proactive.demo",
+    "thinker": "brisklm.streaming.thinker.demo",
     "pruning": "brisklm.pruning.demo",
     "vision": "brisklm.vision.demo",
     "reasoning": "brisklm.reasoning.demo",

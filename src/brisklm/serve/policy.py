@@ -76,7 +76,7 @@ def register_policy(name: str, factory: PolicyFactory, description: str = "") ->
 
 # Modules that register more policies when imported (absent ones are skipped): streaming methods add theirs
 # there, e.g. `register_policy("proactive", ProactiveHeadsPolicy)`, without the server importing them directly.
-PLUGIN_MODULES = ("brisklm.streaming.serve_policies",)
+PLUGIN_MODULES = ("brisklm.serve.method_policies",)
 
 
 def load_plugins() -> None:

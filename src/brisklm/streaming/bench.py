@@ -121,6 +121,53 @@ def engine_exactness(n_streams: int, k: int = 3, seed: int = 0) -> float:
     return worst
 
 
+def cache_write_cost(length: int = 4096, windows: Sequence[int] = (256, 1024, 4096), layers: int = 8,
+                     kv_heads: int = 2, head_dim: int = 64, repeats: int = 3) -> dict[str, Any]:
+    """Microseconds per appended token per layer of KVCache.update, by stream-length window, against the old
+    append (a torch.cat of the whole cache per token per layer) in the same run; medians of `repeats` streams.
+
+    Qwen2.5-0.5B's K/V shape (2 kv heads of 64); one token per step, as a streaming writer appends."""
+    import time
+
+    import torch
+
+    from brisklm.core.cache import KVCache, cat_meta
+
+    def stream(grow: bool) -> list[float]:
+        cache = KVCache(layers)
+        token = torch.randn(1, kv_heads, 1, head_dim)
+        meta = {"order": torch.zeros(1, 1, dtype=torch.long), "position": torch.zeros(1, 1, dtype=torch.long),
+                "valid": torch.ones(1, 1, dtype=torch.bool)}
+        marks, start = [], time.perf_counter()
+        for t in range(1, length + 1):
+            for idx in range(layers):
+                if grow:
+                    cache.update(token, token, meta, idx)
+                else:  # the previous KVCache: concatenate the whole layer per token
+                    layer = cache.layers[idx]
+                    if layer.keys is None:
+                        layer.keys, layer.values, layer.meta = token, token, dict(meta)
+                    else:
+                        layer.keys = torch.cat([layer.keys, token], 2)
+                        layer.values = torch.cat([layer.values, token], 2)
+                        layer.meta = cat_meta([layer.meta, meta])
+            if t in windows:
+                marks.append(time.perf_counter())
+        edges, out, before = [0, *windows], [], start
+        for (lo, hi), when in zip(zip(edges, edges[1:]), marks):
+            out.append((when - before) / ((hi - lo) * layers) * 1e6)
+            before = when
+        return out
+
+    figures: dict[str, Any] = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "repeats": repeats}
+    for name, grow in (("grown_buffer", True), ("cat_per_token", False)):
+        runs = [stream(grow) for _ in range(repeats)]
+        figures[f"us_per_token_layer_{name}"] = {
+            f"{lo}-{hi}": round(sorted(r[i] for r in runs)[len(runs) // 2], 2)
+            for i, (lo, hi) in enumerate(zip([0, *windows], windows))}
+    return figures
+
+
 def bleu_laal_figure(figures: dict[str, Any], out_dir: Path | None = None):
     """BLEU against LAAL for each method (points at k = 1, 3, 5; offline is one point)."""
     from brisklm.eval.report import new_figure
@@ -158,6 +205,8 @@ def streaming_benchmark(ctx: BenchContext) -> dict[str, Any]:
         figures["forward_tokens_ratio_n20"] = cost["n20"]["forward_tokens_ratio"]
         figures["wall_ratio_n20"] = cost["n20"]["wall_ratio"]
         figures["engine_vs_full_max_abs_diff"] = engine_exactness(10 if ctx.quick else 30, seed=ctx.seed)
+        figures["kv_cache_append_cost"] = cache_write_cost(1024 if ctx.quick else 4096,
+                                                           (128, 512, 1024) if ctx.quick else (256, 1024, 4096))
         for other in ("reencode", "reencode_strict"):
             figures[f"bleu_gap_gpe_minus_{other}"] = {
                 f"k{k}": round(figures["bleu"]["gpe"][f"k{k}"] - figures["bleu"][other][f"k{k}"], 2) for k in KS}

@@ -8,13 +8,15 @@ import tempfile
 from pathlib import Path
 
 from brisklm.core.device import add_device_args, device_kwargs
-from brisklm.core.inspect import word_level_only
+from brisklm.core.inspect import causal_lm_only
+from brisklm.core.text import TextLayer, add_text_args, text_options
 from brisklm.errors import BriskError
-from brisklm.streaming.policies import OFFLINE_K, reads_before, target_limit
+from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, OFFLINE_K, reads_before, target_limit
 
 
 # What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
-CHECKPOINT_SUPPORT = {"stream train": word_level_only, "stream translate": word_level_only}
+# wait-k and offline (translate) and GPE training run on any tokenizer; ProactiveLLM still refuses subword ones
+CHECKPOINT_SUPPORT = {"stream train": causal_lm_only, "stream translate": causal_lm_only}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -36,16 +38,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise BriskError("--steps and --n-train must be positive")
     if args.spsd is not None and args.objective != "proactive":
         raise BriskError("--spsd applies to --objective proactive only: add --objective proactive or drop --spsd")
+    if args.objective == "proactive" and (args.data is not None or args.instruction is not None):
+        raise BriskError("--data and --instruction apply to --objective gpe for now (ProactiveLLM trains on its "
+                         "built-in task)")
     loaded = load(args.model, **device_kwargs(args))
     torch.set_num_threads(args.threads)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
     if args.objective == "proactive":
         return _train_proactive(args, loaded, k_range, options, out)
-    task = get_task("translation")
-    examples = task.examples("train", args.n_train, seed=args.seed)
-    print(f"fine-tuning {loaded.path} with the GPE wait-k mask, k in {k_range[0]}..{k_range[1]}", flush=True)
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
+    if args.data is not None:
+        from brisklm.streaming.data import check_encodable, read_parallel
+
+        examples = read_parallel(args.data)
+        check_encodable(text, examples, args.instruction, name=Path(args.data).name)
+        what = f"{len(examples)} pairs of {Path(args.data).name}"
+    else:
+        examples = get_task("translation").examples("train", args.n_train, seed=args.seed)
+        what = "the built-in synthetic translation task"
+    print(f"fine-tuning {loaded.path} with the GPE wait-k mask, k in {k_range[0]}..{k_range[1]}, on {what}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        stats = train_gpe(loaded.model, loaded.tokenizer, examples, k_range, options, tmp, phi=args.phi)
+        stats = train_gpe(loaded.model, text, examples, k_range, options, tmp, phi=args.phi,
+                          instruction=args.instruction)
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
@@ -55,8 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_proactive(args: argparse.Namespace, loaded, k_range: tuple[int, int], options, out: Path) -> int:
     """Random monotone masks (+ SPSD) on variable-lookahead translation, then the self-labelled probe."""
-    from brisklm.streaming.heads import save_probe, sufficiency_data, train_probe
-    from brisklm.streaming.proactive import ScheduleOptions, train_proactive
+    from brisklm.streaming.proactive.heads import save_probe, sufficiency_data, train_probe
+    from brisklm.streaming.proactive.train import ScheduleOptions, train_proactive
     from brisklm.streaming.proactive_zoo import proactive_task
 
     lam = 0.0 if args.spsd is None else args.spsd
@@ -100,20 +114,29 @@ def cmd_translate(args: argparse.Namespace) -> int:
     k = OFFLINE_K if args.policy == "offline" else check_k(args.k)
     torch.set_num_threads(1)
     loaded = load(args.model, **device_kwargs(args))
-    session = StreamingSession(loaded.model, loaded.tokenizer, phi=args.phi)
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
+    session = StreamingSession(loaded.model, text, phi=args.phi, instruction=args.instruction)
     source = _stdin_words(sys.stdin) if args.text is None else iter(args.text.split())
 
     def write_while_allowed(closed: bool) -> None:
         cap = args.max_words if not closed else min(args.max_words, target_limit(session.words_read(0)))
-        while not session.done[0] and len(session.outputs[0].words) < cap:
-            j = len(session.outputs[0].words) + 1
+        while not session.done[0]:
+            if session.words_started(0) >= cap or len(session.written[0]) >= MAX_TOKENS_PER_WORD * cap:
+                out, before = session.outputs[0], len(session.outputs[0].words)
+                session.stop(0)  # completes the open word
+                show(zip(out.words[before:], out.delays[before:]))
+                return
+            j = session.words_started(0) + 1  # the word the next token may start
             if not closed and session.words_read(0) < reads_before(k, j, 10**9):
                 return
-            word = session.write()[0]
-            if word is None and session.wants_read[0] and not closed:
+            token = session.write()[0]
+            show(session.new_words[0])
+            if token is None and session.wants_read[0] and not closed:
                 return  # the model wants more source before it may end
-            if word is not None:
-                print(f"{word}\tdelay={session.outputs[0].delays[-1]}", flush=True)
+
+    def show(words) -> None:
+        for word, delay in words:  # a word is printed once complete, with the source words read at its first token
+            print(f"{word}\tdelay={delay}", flush=True)
 
     for word in source:
         session.read([word])
@@ -138,7 +161,7 @@ def _translate_with_head(args: argparse.Namespace) -> int:
 
     import torch
 
-    from brisklm.streaming.heads import live_decode, make_head
+    from brisklm.streaming.proactive.heads import live_decode, make_head
     from brisklm.zoo.store import load
 
     threshold = DEFAULT_THRESHOLDS[args.policy] if args.threshold is None else args.threshold
@@ -177,6 +200,11 @@ def add_commands(subparsers) -> None:
                    help="with --objective proactive: weight of the full-context self-distillation KL (default 0)")
     p.add_argument("--n-probe", type=int, default=600, help="training sentences whose rows label the probe")
     p.add_argument("--probe-steps", type=int, default=1500, help="optimizer steps of the probe's logistic regression")
+    p.add_argument("--data", default=None,
+                   help="your parallel corpus: .jsonl with fields source and target, or .tsv source<TAB>target "
+                        "(default: the built-in synthetic translation task)")
+    p.add_argument("--instruction", default=None, help="text that opens the source group (see stream translate)")
+    add_text_args(p)
     add_device_args(p, training=True)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("translate", help="read source words from stdin, print each target word with its delay")
@@ -190,5 +218,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--phi", type=int, default=0)
     p.add_argument("--text", default=None, help="source text instead of stdin")
     p.add_argument("--max-words", type=int, default=256, help="stop after this many target words")
+    p.add_argument("--instruction", default=None,
+                   help="text that opens the source group, e.g. 'Translate the following English text to German:' "
+                        "(inside the chat template's user turn when the tokenizer has one)")
+    add_text_args(p)
     add_device_args(p)
     p.set_defaults(func=cmd_translate)

@@ -1,14 +1,20 @@
 """Group Position Encoding layouts: per-segment token ids, wait-k visibility with the one-row shift, positions.
 
-A stream is two groups of segments. Source: s_0 = prompt (`<bos>`), s_1..s_n = the words, s_{n+1} = the
-end-of-source marker (`<eos>`). Target: u_0 = header (`<sep>`), u_1..u_m = the words, u_{m+1} = `<eos>`.
-Each word is tokenized on its own and the ids are concatenated, so segment boundaries are exact by
-construction (one word = one token with brisklm's word tokenizer; other tokenizers may give several).
+A stream is two groups of segments. Source: s_0 = prompt (`<bos>`, empty when the tokenizer has no BOS),
+s_1..s_n = the words, s_{n+1} = the end-of-source marker (eos). Target: u_0 = header (the sep token, else the
+encoding of "\n"), u_1..u_m = the words, u_{m+1} = eos (`StreamFrame`). Words become segments through the text
+layer (core/text.py): one id each with brisklm's word tokenizer, one or more subword ids on a real checkpoint;
+together they are exactly the tokenizer's ids of the joined text.
 
 A schedule says how many source segments after the prompt (`sees`, the end marker counts as segment n+1)
 target segment j may attend to when it is *predicted*. Because row r's logits predict token r+1, the last row
 of target segment j takes the visibility of segment j+1 (the one-row shift); the final row keeps its own.
 The end of the target (u_{m+1}) is predicted with the whole source visible: a stream ends only after its source.
+
+Subword targets (`next_segment_rows`): a row cannot know whether the token it predicts continues its word or
+starts the next one, so every row of target segment j takes segment j+1's wait-k visibility (what the engine
+does); only the row that predicts the end sees the whole source (the engine re-feeds an early end after reading
+more). With one token per segment this is the same mask as the one-row shift above.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from brisklm.core.text import word_ids
-from brisklm.errors import BriskError
+from brisklm.core.text import TextLayer, as_text_layer
+from brisklm.errors import BriskError, VocabularyError
 
 PositionMode = Literal["group", "contiguous", "arrival"]
 POSITION_MODES: tuple[str, ...] = ("group", "contiguous", "arrival")
@@ -44,6 +50,7 @@ class StreamLayout:
 
     source: list[list[int]]
     target: list[list[int]]
+    next_segment_rows: bool = False  # every row of a target segment sees what the segment after it sees
 
     @property
     def num_source_words(self) -> int:
@@ -76,22 +83,129 @@ class StreamLayout:
             return n + 1 if j == last else wait_k_sees(k, n, j)
 
         for j, seg in enumerate(self.target):
-            rows += [sees(j)] * (len(seg) - 1) + [sees(min(j + 1, last))]
+            if self.next_segment_rows and j < last - 1:
+                rows += [wait_k_sees(k, n, j + 1)] * len(seg)
+            elif self.next_segment_rows:  # the last word: only the row that predicts the end sees everything
+                rows += [wait_k_sees(k, n, j + 1)] * (len(seg) - 1) + [sees(min(j + 1, last))]
+            else:
+                rows += [sees(j)] * (len(seg) - 1) + [sees(min(j + 1, last))]
         return rows
 
 
-def word_segments(tokenizer, words: Sequence[str]) -> list[list[int]]:
-    """One id list per word through the text layer (one id each: GPE streaming still assumes word-level ids)."""
-    return [[i] for i in word_ids(tokenizer, list(words))]
+@dataclass(frozen=True)
+class StreamFrame:
+    """The special segments of a stream for one tokenizer: plain, or the chat template's turns.
+
+    Plain: source `[bos] | words | eos`, target `sep (or "\\n") | words | eos`. Chat template (the tokenizer
+    has one and it is not turned off): the source group starts with the template up to the user's content plus
+    the instruction, and ends with the user turn's closing (`<|im_end|>\\n`); the target group starts with the
+    assistant header (`<|im_start|>assistant\\n`) and ends with the end-of-turn token. A template without an
+    assistant header (Mistral's `[INST] .. [/INST]`) puts the closing in the target group as its header and
+    ends the source with eos.
+    """
+
+    prompt: tuple[int, ...]  # source segment 0 (may be empty: no BOS, no template, no instruction)
+    header: tuple[int, ...]  # target segment 0 (never empty)
+    source_end: tuple[int, ...]  # the end-of-source segment (never empty)
+    target_end: int  # what a training target ends with (eos, or the template's end-of-turn token)
+    ends: frozenset[int]  # every id that ends a written target (all eos ids, the end-of-turn token)
+    pad: int
+    first_at_start: bool = True  # the first source word starts the text (no instruction before it)
+    batch_separator: tuple[int, ...] = ()  # between source and target in one-group layouts (re-encoding, interleaved)
 
 
-def build_layout(tokenizer, source_words: Sequence[str], target_words: Sequence[str] = ()) -> StreamLayout:
-    """The GPE layout of a source sentence and (for training) its target sentence."""
+CHAT_MARK = "brisk_source_marker"  # stands for the source text when the chat template is rendered
+
+
+def stream_frame(tokenizer: object, instruction: str | None = None) -> StreamFrame:
+    """The frame of a tokenizer (or TextLayer): roles from the text layer (no BOS / no pad / several eos), the
+    chat template when the layer uses one, and an optional instruction that opens the source group."""
+    text = as_text_layer(tokenizer)
+    roles = text.roles
+    instruction = (instruction or "").strip()
+    ends = frozenset({*roles.eos_ids, text.end_id})
+    if text.chat_template:
+        return _chat_frame(text, instruction, ends)
+    prompt = (() if roles.bos_id is None else (roles.bos_id,)) + tuple(text.encode(instruction) if instruction else ())
+    header = tuple(text.separator_ids)
+    if not header:
+        raise BriskError("the tokenizer has no sep token and encodes '\\n' to nothing: no target header")
+    return StreamFrame(prompt, header, (roles.eos_id,), roles.eos_id, ends, roles.pad_id, not instruction, header)
+
+
+def _chat_frame(text: TextLayer, instruction: str, ends: frozenset[int]) -> StreamFrame:
+    tok = text.tokenizer
+    content = f"{instruction} {CHAT_MARK}" if instruction else CHAT_MARK
+    messages = ([{"role": "system", "content": text.system_prompt}] if text.system_prompt else []) + [
+        {"role": "user", "content": content}]
+    turn = tok.apply_chat_template(messages, tokenize=False)
+    with_header = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    at = turn.find(CHAT_MARK)
+    if at < 0 or not with_header.startswith(turn[:at + len(CHAT_MARK)]):
+        raise BriskError("the chat template does not render the user's text verbatim; pass --no-chat-template")
+
+    def ids(piece: str) -> tuple[int, ...]:
+        return tuple(int(i) for i in tok(piece, add_special_tokens=False)["input_ids"]) if piece else ()
+
+    prefix, closing = turn[:at], turn[at + len(CHAT_MARK):]
+    generation = with_header[at + len(CHAT_MARK):]
+    header_text = generation[len(closing):] if generation.startswith(closing) else ""
+    if header_text.strip():
+        source_end, header = ids(closing), ids(header_text)
+        separator = ids(generation)
+    else:  # no assistant header: the user turn's closing opens the target, eos ends the source
+        source_end, header = (text.roles.eos_id,), ids(generation)
+        separator = header
+    if not source_end or not header:
+        raise BriskError("the chat template has no text after the user's turn to mark where the reply starts; "
+                         "pass --no-chat-template")
+    return StreamFrame(ids(prefix.rstrip(" ") if instruction else prefix), header, source_end, text.end_id, ends,
+                       text.roles.pad_id, not instruction, separator)
+
+
+def word_segments(tokenizer: object, words: Sequence[str], at_start: bool = True) -> list[list[int]]:
+    """One id list per word through the text layer (`at_start=False`: the words continue earlier text).
+
+    A word the tokenizer can only encode as its unknown token is refused (VocabularyError naming the word)."""
+    text = as_text_layer(tokenizer)
+    segments = text.word_segments(list(words), at_start)
+    unk = text.roles.unk_id
+    if unk is not None and not text.word_level:
+        bad = [w for w, seg in zip(words, segments) if unk in seg]
+        if bad:
+            raise VocabularyError(f"the tokenizer cannot encode word(s) {bad[:3]!r} (they become its unknown token); "
+                                  "remove or transliterate them")
+    return segments
+
+
+def token_words(tokenizer: object, ids: Sequence[int]) -> list[list[int]]:
+    """Written target ids grouped into words as the text layer's WordDecoder groups them (specials alone)."""
+    text: TextLayer = as_text_layer(tokenizer)
+    if text.word_level:
+        return [[int(i)] for i in ids]
+    decoder, groups = text.decoder(), []
+    for token in (int(i) for i in ids):
+        decoder.feed(token)
+        if text.is_special(token) or decoder.pending == [token] or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def build_layout(tokenizer, source_words: Sequence[str], target_words: Sequence[str] = (), *,
+                 target_segments: Sequence[Sequence[int]] | None = None, instruction: str | None = None) -> StreamLayout:
+    """The GPE layout of a source sentence and (for training) its target sentence (words, or id segments);
+    `tokenizer` may be a TextLayer (its chat-template setting picks the frame)."""
     if not source_words:
         raise BriskError("the source stream is empty: pass at least one source word")
-    source = [[tokenizer.bos_token_id], *word_segments(tokenizer, source_words), [tokenizer.eos_token_id]]
-    target = [[tokenizer.sep_token_id], *word_segments(tokenizer, target_words), [tokenizer.eos_token_id]]
-    return StreamLayout(source, target)
+    frame = stream_frame(tokenizer, instruction)
+    if target_segments is None:
+        target_segments = word_segments(tokenizer, target_words) if len(target_words) else []
+    source = [list(frame.prompt), *word_segments(tokenizer, source_words, frame.first_at_start),
+              list(frame.source_end)]
+    target = [list(frame.header), *[list(seg) for seg in target_segments], [frame.target_end]]
+    return StreamLayout(source, target, next_segment_rows=True)
 
 
 def streaming_visibility(layout: StreamLayout, k: int) -> torch.Tensor:

@@ -30,9 +30,9 @@ def proactive_task():
 def train_proactive_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[str, Any]:
     """Fine-tune the init model with the recipe's objective, fit the probe if proactive, save, and score."""
 
-    from brisklm.streaming.heads import Head, adaptive_decode, auroc, save_probe, sufficiency_data, train_probe
+    from brisklm.streaming.proactive.heads import Head, adaptive_decode, auroc, save_probe, sufficiency_data, train_probe
     from brisklm.streaming.policies import gpe_wait_k
-    from brisklm.streaming.proactive import ScheduleOptions, train_proactive
+    from brisklm.streaming.proactive.train import ScheduleOptions, train_proactive
     from brisklm.streaming.train import train_gpe
     from brisklm.zoo.store import load
 

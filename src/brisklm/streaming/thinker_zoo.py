@@ -17,7 +17,7 @@ STREAMING_MODEL, BATCH_MODEL = "streaming-thinker", "thinker-batch-cot"
 def thinker_accuracy(model, tokenizer, examples: Sequence, depths: Sequence[str], mode: str,
                      progress: Callable = lambda x, **_: x) -> dict[str, float]:
     """Answer accuracy per depth and distractor skip rate of a model run through ThinkerSession on examples."""
-    from brisklm.streaming.thinker import think_depths
+    from brisklm.streaming.thinker.session import think_depths
 
     correct = {d: 0 for d in depths}
     skipped = distractors = 0
@@ -36,7 +36,8 @@ def thinker_accuracy(model, tokenizer, examples: Sequence, depths: Sequence[str]
 def train_thinker_recipe(recipe: ZooRecipe, out_dir: Path, seed: int) -> dict[str, Any]:
     """Train a thinker model (streaming mask + group positions, or batch CoT), save it, score it on the test split."""
 
-    from brisklm.streaming.thinker import DEPTHS, thinker_task, thinker_tokenizer, train_thinker
+    from brisklm.streaming.thinker.data import DEPTHS, thinker_task, thinker_tokenizer
+    from brisklm.streaming.thinker.train import train_thinker
 
     opts = recipe.options
     task = thinker_task(**opts["task_options"])

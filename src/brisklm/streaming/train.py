@@ -15,7 +15,7 @@ from transformers import Trainer
 
 from brisklm.core import MatrixVisibility, Plan, execute
 from brisklm.errors import BriskError
-from brisklm.streaming.gpe import IGNORE, PositionMode, build_layout, check_k, collate
+from brisklm.streaming.gpe import IGNORE, PositionMode, build_layout, check_k, collate, stream_frame
 from brisklm.streaming.policies import interleaved_sequence
 from brisklm.tasks.base import Example
 from brisklm.zoo.textlm import TrainOptions, train_lm, training_arguments
@@ -50,14 +50,17 @@ def stream_features(examples: Sequence[Example]) -> list[dict]:
 class GPECollator:
     """Builds GPE batches: layouts, a k per example drawn from k_range, visibility matrices and positions."""
 
-    def __init__(self, tokenizer, k_range: tuple[int, int], mode: PositionMode = "group", phi: int = 0, seed: int = 0):
+    def __init__(self, tokenizer, k_range: tuple[int, int], mode: PositionMode = "group", phi: int = 0, seed: int = 0,
+                 instruction: str | None = None):
         self.tokenizer, self.k_range, self.mode, self.phi = tokenizer, k_range, mode, phi
+        self.instruction = instruction
         self.rng = random.Random(seed)
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        layouts = [build_layout(self.tokenizer, f["source_words"], f["target_words"]) for f in features]
+        layouts = [build_layout(self.tokenizer, f["source_words"], f["target_words"], instruction=self.instruction)
+                   for f in features]
         ks = [self.rng.randint(*self.k_range) for _ in features]
-        return collate(layouts, ks, self.tokenizer.pad_token_id, self.mode, self.phi)
+        return collate(layouts, ks, stream_frame(self.tokenizer, self.instruction).pad, self.mode, self.phi)
 
 
 def streaming_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -77,13 +80,15 @@ class StreamingTrainer(Trainer):
 
 
 def train_gpe(model, tokenizer, examples: Sequence[Example], k_range: tuple[int, int], options: TrainOptions,
-              output_dir: str, mode: PositionMode = "group", phi: int = 0) -> dict[str, float]:
-    """Fine-tune `model` with the wait-k streaming mask and group positions; returns loss and seconds."""
+              output_dir: str, mode: PositionMode = "group", phi: int = 0,
+              instruction: str | None = None) -> dict[str, float]:
+    """Fine-tune `model` with the wait-k streaming mask and group positions; returns loss and seconds.
+    `tokenizer` may be a TextLayer (its chat-template setting and the instruction pick the frame)."""
     trainer = StreamingTrainer(
         model=model,
         args=training_arguments(options, output_dir),
         train_dataset=stream_features(examples),
-        data_collator=GPECollator(tokenizer, k_range, mode, phi, options.seed),
+        data_collator=GPECollator(tokenizer, k_range, mode, phi, options.seed, instruction),
     )
     result = trainer.train()
     model.eval()

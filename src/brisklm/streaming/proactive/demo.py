@@ -10,7 +10,7 @@ from brisklm.eval.report import DemoContext, Section, figure_html, table_html
 
 def _transcript(threshold: float = 0.5, seed: int = 1) -> str:
     """One sentence through the probe head: the source words read before each target word, and the oracle need."""
-    from brisklm.streaming.heads import Head, adaptive_decode, load_probe
+    from brisklm.streaming.proactive.heads import Head, adaptive_decode, load_probe
     from brisklm.streaming.proactive_zoo import proactive_task
     from brisklm.zoo.store import load
 
@@ -29,7 +29,7 @@ def _transcript(threshold: float = 0.5, seed: int = 1) -> str:
 
 def demo_sections(ctx: DemoContext) -> list[Section]:
     """Curves of the SPSD model's heads against wait-k, the AUROC table, and a probe-head transcript."""
-    from brisklm.streaming.proactive_bench import curve_figure, proactive_figures
+    from brisklm.streaming.proactive.bench import curve_figure, proactive_figures
 
     with one_torch_thread():
         figures = proactive_figures(n_test=30 if ctx.quick else 150, n_dev=80 if ctx.quick else 200,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from brisklm.core import MatrixVisibility, Plan, execute
+from brisklm.core.text import as_text_layer
 from brisklm.errors import BriskError
 from brisklm.streaming.gpe import (IGNORE, StreamLayout, build_layout, padded_batch, padded_visibility,
                                    position_ids)
@@ -163,6 +164,7 @@ def train_proactive(model, tokenizer, examples: Sequence[Example], options: Trai
                     spsd_lambda: float = 0.0, spsd_tau: float = 1.0, schedule: ScheduleOptions = ScheduleOptions(),
                     phi: int = 0) -> dict[str, float]:
     """Fine-tune `model` with random monotone masks (+ SPSD when spsd_lambda > 0); returns loss and seconds."""
+    as_text_layer(tokenizer).require_word_level("ProactiveLLM training")
     if spsd_lambda < 0:
         raise BriskError(f"--spsd must be >= 0 (the KL weight lambda), got {spsd_lambda}")
     trainer = ProactiveTrainer(

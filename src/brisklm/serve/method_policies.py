@@ -65,7 +65,7 @@ def model_folder(model) -> Path:
 
 def served_head(name: str, model):
     """The decision head `name`; the probe head's probe is read once per checkpoint folder and shared."""
-    from brisklm.streaming.heads import Head, load_probe
+    from brisklm.streaming.proactive.heads import Head, load_probe
 
     if name != "probe":
         return Head(name)
@@ -191,7 +191,7 @@ class ThinkerPolicy:
 
     def __init__(self, model, tokenizer, depth: str = "D2", mode: str = "streaming", max_unit_tokens: int = 12,
                  max_final_tokens: int = 64) -> None:
-        from brisklm.streaming.thinker import ThinkerSession
+        from brisklm.streaming.thinker.session import ThinkerSession
 
         self.tokenizer = tokenizer
         self.thinker = ThinkerSession(model, tokenizer, depth, mode=mode, max_unit_tokens=max_unit_tokens,

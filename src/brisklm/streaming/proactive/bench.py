@@ -22,7 +22,7 @@ from brisklm.errors import BriskError
 from brisklm.eval.bench import BenchContext, register
 from brisklm.eval.metrics import bleu
 from brisklm.streaming.bench import latency
-from brisklm.streaming.heads import (Head, SufficiencyData, adaptive_decode, auroc, load_probe, sufficiency_data,
+from brisklm.streaming.proactive.heads import (Head, SufficiencyData, adaptive_decode, auroc, load_probe, sufficiency_data,
                                      train_probe)
 from brisklm.streaming.proactive_zoo import proactive_task
 

@@ -10,7 +10,8 @@ from brisklm.eval.report import DemoContext, Section, figure_html, table_html
 
 def _transcript(seed: int = 0, depth: str = "D3") -> str:
     """One example: each fact as it arrives, the streaming unit written right then, and the batch CoT's units."""
-    from brisklm.streaming.thinker import ThinkerSession, thinker_task
+    from brisklm.streaming.thinker.data import thinker_task
+    from brisklm.streaming.thinker.session import ThinkerSession
     from brisklm.streaming.thinker_zoo import BATCH_MODEL, STREAMING_MODEL
     from brisklm.zoo.store import load
 
@@ -41,7 +42,7 @@ def _transcript(seed: int = 0, depth: str = "D3") -> str:
 
 def demo_sections(ctx: DemoContext) -> list[Section]:
     """Accuracy, waiting and latency of StreamingThinker vs batch CoT, a time-to-answer plot and a transcript."""
-    from brisklm.streaming.thinker_bench import thinker_figures, time_figure
+    from brisklm.streaming.thinker.bench import thinker_figures, time_figure
 
     with one_torch_thread():
         depths = ("D1", "D2", "D3")

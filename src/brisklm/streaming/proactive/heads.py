@@ -31,11 +31,12 @@ from torch import nn
 
 from brisklm.core import MatrixVisibility, Plan, execute
 from brisklm.core.device import model_device, to_device
+from brisklm.core.text import as_text_layer
 from brisklm.errors import BriskError
 from brisklm.streaming.engine import SOURCE, StreamingSession, StreamOutput
 from brisklm.streaming.gpe import IGNORE, build_layout
 from brisklm.streaming.policies import DecodeResult, _check_sources, target_limit
-from brisklm.streaming.proactive import ScheduleOptions, collate_views, sample_schedule
+from brisklm.streaming.proactive.train import ScheduleOptions, collate_views, sample_schedule
 
 HEADS = ("entropy", "attention", "probe", "lag")
 PROBE_FILE = "proactive_probe.pt"
@@ -183,6 +184,7 @@ class AdaptiveResult(DecodeResult):
 def adaptive_decode(model, tokenizer, sources: Sequence[Sequence[str]], head: Head, threshold: float, *,
                     batch_size: int = 32, min_lag: int = 1, phi: int = 0) -> AdaptiveResult:
     """Simultaneous decoding where `head` decides READ or WRITE at every step (streams batched)."""
+    as_text_layer(tokenizer).require_word_level("ProactiveLLM's decision heads")
     _check_sources(sources)
     if min_lag < 1:
         raise BriskError(f"min_lag must be >= 1 (read a word before the first write), got {min_lag}")
@@ -263,6 +265,7 @@ class SufficiencyData:
 def sufficiency_data(model, tokenizer, examples: Sequence, schedule: ScheduleOptions | None = None, *,
                      seed: int = 0, batch_size: int = 32) -> SufficiencyData:
     """Teacher-forced masked passes under random monotone schedules, labelled against the full-context pass."""
+    as_text_layer(tokenizer).require_word_level("ProactiveLLM's decision heads")
     schedule = schedule or ScheduleOptions(k_min=1, k_max=4, p_extra=0.3, p_full=0.0)
     rng = random.Random(seed)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("hidden", "entropy", "attention", "label", "lag")}
@@ -364,6 +367,7 @@ def live_decode(model, tokenizer, words: Iterable[str], head: Head, threshold: f
     The iterator is peeked one word ahead only to know whether the source has ended (adaptive_decode knows n);
     delays count the words actually read by the model.
     """
+    as_text_layer(tokenizer).require_word_level("ProactiveLLM's decision heads")
     if min_lag < 1:
         raise BriskError(f"min_lag must be >= 1 (read a word before the first write), got {min_lag}")
     source = iter(words)

@@ -35,7 +35,8 @@ def sentences(lines: Iterable[str]) -> Iterator[str]:
 def cmd_think(args: argparse.Namespace) -> int:
     import torch
 
-    from brisklm.streaming.thinker import ThinkerSession, check_depth, check_mode
+    from brisklm.streaming.thinker.data import check_depth, check_mode
+    from brisklm.streaming.thinker.session import ThinkerSession
     from brisklm.zoo.store import load
 
     check_depth(args.depth)

@@ -17,8 +17,8 @@ import torch
 
 from brisklm.core.timing import one_torch_thread
 from brisklm.eval.bench import BenchContext, register
-from brisklm.streaming.thinker import (DEPTHS, MODES, ThinkerResult, reference_logits, streaming_cot, think_depths,
-                                      thinker_task)
+from brisklm.streaming.thinker.data import DEPTHS, MODES, streaming_cot, thinker_task
+from brisklm.streaming.thinker.session import ThinkerResult, reference_logits, think_depths
 from brisklm.streaming.thinker_zoo import BATCH_MODEL, STREAMING_MODEL
 
 MODELS = {"streaming": STREAMING_MODEL, "batch": BATCH_MODEL}
@@ -132,7 +132,7 @@ def time_curves(examples: Sequence, runs, depths: Sequence[str], step_cost: floa
 
 def exactness(n_examples: int, seed: int) -> float:
     """Max |logit difference| between the teacher-forced session and the full masked pass (trained model, D3)."""
-    from brisklm.streaming.thinker import ThinkerSession
+    from brisklm.streaming.thinker.session import ThinkerSession
     from brisklm.zoo.store import load
 
     loaded = load(STREAMING_MODEL)
