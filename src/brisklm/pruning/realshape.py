@@ -31,7 +31,7 @@ from brisklm.pruning.sparse import RoutingRecord, sparse_forward, sparse_generat
 SHAPE = {**QWEN25_05B, "num_hidden_layers": 8}
 SPARSITIES = (0.25, 0.40)
 FULL = dict(prefill=((1, 512), (8, 512)), prompt=512, new_tokens=32, repeats=5, masked_batches=(1, 8))
-QUICK = dict(prefill=((1, 512), (8, 64)), prompt=512, new_tokens=16, repeats=3, masked_batches=(1,))
+QUICK = dict(prefill=((1, 512), (8, 32)), prompt=512, new_tokens=8, repeats=2, masked_batches=(1,))
 
 
 def ratios(baseline_s: float, method_s: float, ideal: float) -> dict[str, float | None]:
@@ -42,13 +42,16 @@ def ratios(baseline_s: float, method_s: float, ideal: float) -> dict[str, float 
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each callable, timed in interleaved rounds (shared-CPU noise hits all alike)."""
+    """Median seconds of each callable, timed in interleaved rounds whose order rotates by one each round
+    (shared-CPU noise and any position effect hit all of them alike)."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
@@ -207,7 +210,7 @@ def structured_figures(model, ids: torch.Tensor, repeats: int, sparsity: float =
 
 @torch.no_grad()
 def real_shape_figures(quick: bool, seed: int = 0, progress: Callable = lambda x, **k: x) -> dict[str, Any]:
-    """Every real-shape figure (see the module docstring); quick: batch 8 at 64 tokens, fewer repeats."""
+    """Every real-shape figure (see the module docstring); quick: batch 8 at 32 tokens, 8 new tokens, 2 repeats."""
     size = QUICK if quick else FULL
     model = random_model(SHAPE, torch.device("cpu"), torch.float32, seed)
     vocab = model.config.vocab_size
