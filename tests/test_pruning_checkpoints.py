@@ -123,3 +123,23 @@ def test_bad_calibration_input_is_one_line(fixture_checkpoints, tmp_path, capsys
         last = out.err.strip().splitlines()[-1]
         assert status == 2 and last.startswith("brisk: error: ") and message in last, (argv, out.err)
         assert "Traceback" not in out.err
+
+
+@pytest.mark.parametrize("style", ["phi3", "gemma3"])
+def test_skipgpt_lora_stage_on_family_projection_names(style, fixture_checkpoints, text_file, tmp_path, capsys):
+    """Stage 2 puts LoRA on the family's own projections (Phi3: fused qkv_proj / gate_up_proj), merges it, keeps
+    the routers beside the merged checkpoint, and the result generates with them."""
+    common = ["--calib", text_file, "--seq-len", 32, "--train-n", 8, "--steps", 2]
+    status, out = run(capsys, "prune", "skipgpt", "--model", fixture_checkpoints(style), *common, "--out", tmp_path / "r")
+    assert status == 0, out.err
+    status, out = run(capsys, "prune", "skipgpt", "--model", tmp_path / "r", "--stage", "lora", *common,
+                      "--out", tmp_path / "l")
+    assert status == 0, out.err
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "l")
+    changed = {n.split(".")[-2] for n, p in after.named_parameters()
+               if not torch.equal(p, dict(before.named_parameters())[n])}
+    expected = {"qkv_proj", "gate_up_proj"} if style == "phi3" else {"q_proj", "v_proj", "gate_proj"}
+    assert changed == expected
+    assert json.loads((tmp_path / "l" / "routers.json").read_text())["info"]["stage"] == "lora"
+    assert generate_json(capsys, tmp_path / "l", "--kv-policy", "evict")["skipgpt"] is True
