@@ -12,7 +12,11 @@ import json
 import sys
 
 from brisklm.core.device import add_device_args, device_kwargs
+from brisklm.core.inspect import causal_lm_only
 from brisklm.core.text import add_text_args
+
+# What `brisk inspect` reports for this command on a checkpoint (None = runs, else why not).
+CHECKPOINT_SUPPORT = {"generate": causal_lm_only}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -136,13 +136,16 @@ def prefill_figures(model, routers: dict[str, RouterSet], ids: torch.Tensor, rep
 
 @torch.no_grad()
 def decode_figures(model, routers: dict[str, RouterSet], prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    """Decoding `new_tokens` after a cached prompt: HF generate vs SkipGPT through brisklm.generate.
+    """Decoding `new_tokens` after a cached prompt: HF generate and brisklm.generate (dense) vs SkipGPT through
+    brisklm.generate (FULL and EVICT policies).
 
     The prompt (all but its last token) is cached once outside the timing; each timed call gets a copy of that
     cache and decodes from the last prompt token, so only single-token steps are timed. Tokens are sampled with a
     fixed seed (HF's default top-k 50 in both loops): a random-weight model's greedy choice repeats one token,
     whose fixed hidden states would route identically at every step."""
     from transformers import DynamicCache
+
+    from brisklm.core.generate import generate
 
     adapter = ModelAdapter.from_model(model)
     head, last = prompt[:, :-1], prompt[:, -1:]
@@ -154,11 +157,14 @@ def decode_figures(model, routers: dict[str, RouterSet], prompt: torch.Tensor, n
             return fn()
         return run
 
-    hf_cache = model(input_ids=head, past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
+    hf_cache = model(input_ids=head, cache=DynamicCache(config=model.config), use_cache=True).cache
     caches, fns, out = {}, {}, {"batch": prompt.shape[0], "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens}
     attn_mask = torch.ones_like(prompt)
     fns["hf_generate"] = seeded(lambda: model.generate(prompt, attention_mask=attn_mask,
                                                 cache=copy.deepcopy(hf_cache), **options))
+    dense_cache = KVCache(adapter.num_layers)
+    execute(model, head, cache=dense_cache, logits_rows="last")
+    fns["brisklm_dense"] = seeded(lambda: generate(model, last, cache=copy.deepcopy(dense_cache), **options))
     for key, r in routers.items():
         for policy in ("full", "evict"):
             cache = KVCache(adapter.num_layers)
@@ -169,6 +175,8 @@ def decode_figures(model, routers: dict[str, RouterSet], prompt: torch.Tensor, n
     t = interleaved(fns, repeats)
     out["hf_generate_s"] = t["hf_generate"]
     out["hf_ms_per_token"] = 1000 * t["hf_generate"] / new_tokens
+    out["brisklm_dense_generate_s"] = t["brisklm_dense"]
+    out["brisklm_dense_ms_per_token"] = 1000 * t["brisklm_dense"] / new_tokens
     for key, r in routers.items():
         for policy in ("full", "evict"):
             records: list[RoutingRecord] = []
@@ -181,7 +189,8 @@ def decode_figures(model, routers: dict[str, RouterSet], prompt: torch.Tensor, n
             seconds = t[f"sparse_{key}_{policy}"]
             out[f"{key}_{policy}"] = {"skip_rates": merged_rates(records), "ideal_flops_ratio": ideal,
                                       "sparse_s": seconds, "ms_per_token": 1000 * seconds / new_tokens,
-                                      "vs_hf_generate": ratios(t["hf_generate"], seconds, ideal)}
+                                      "vs_hf_generate": ratios(t["hf_generate"], seconds, ideal),
+                                      "vs_brisklm_dense": ratios(t["brisklm_dense"], seconds, ideal)}
     return out
 
 
