@@ -143,3 +143,29 @@ def test_skipgpt_lora_stage_on_family_projection_names(style, fixture_checkpoint
     assert changed == expected
     assert json.loads((tmp_path / "l" / "routers.json").read_text())["info"]["stage"] == "lora"
     assert generate_json(capsys, tmp_path / "l", "--kv-policy", "evict")["skipgpt"] is True
+
+
+@pytest.mark.parametrize("style, extra", [("qwen2", []), ("mistral", ["--system-prompt", "Be brief."]),
+                                          ("gemma2", ["--no-chat-template"])])
+def test_generate_equals_hf_generate_on_the_framed_prompt(style, extra, fixture_checkpoints, capsys):
+    """`brisk generate` on a dense checkpoint == HF's own greedy generate on the text layer's framed prompt."""
+    from brisklm.core.text import TextLayer
+
+    path = fixture_checkpoints(style)
+    info = generate_json(capsys, path, *extra)
+    loaded = load(str(path))
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer, chat_template="--no-chat-template" not in extra,
+                               system_prompt="Be brief." if "--system-prompt" in extra else None)
+    prompt = text.prompt_ids("The quick brown fox")
+    assert info["prompt_tokens"] == len(prompt)
+    eos = list(dict.fromkeys([*text.roles.eos_ids, text.end_id]))
+    ref = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=eos,
+                                pad_token_id=text.roles.pad_id)
+    new, _ = text.cut_at_eos(ref[0, len(prompt):].tolist())
+    assert info["completion"] == text.decode(new) and info["new_tokens"] == len(new)
+
+
+def test_generate_system_prompt_needs_a_template(fixture_checkpoints, capsys):
+    status, out = run(capsys, "generate", "--model", fixture_checkpoints("qwen2"), "--prompt", "hi", "--system-prompt",
+                      "x", "--no-chat-template")
+    assert status == 2 and "needs a chat template" in out.err.strip().splitlines()[-1]
