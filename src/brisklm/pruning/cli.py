@@ -72,14 +72,19 @@ def cmd_width(args: argparse.Namespace) -> int:
         if args.sparsity is None:
             raise BriskError("pass --sparsity FRACTION (or --nm N:M for magnitude/wanda)")
         check_sparsity(args.sparsity)
-    loaded, data = _load(args, check=None if nm is None else lambda model: check_nm(model, *nm))
+    heads = {"per_group": args.heads_per_group}
+
+    def check(model) -> None:  # shapes first: no calibration work for a pattern or head count that cannot apply
+        if nm is not None:
+            check_nm(model, *nm)
+        if args.method == "structured" and args.head_sparsity is not None:
+            heads["per_group"] = heads_for_sparsity(model, args.head_sparsity)
+
+    loaded, data = _load(args, check)
     pad = _pad(loaded.tokenizer)
     norms = activation_norms(loaded.model, data, pad) if args.method in ("wanda", "structured") else None
     if args.method == "structured":
-        heads = args.heads_per_group
-        if args.head_sparsity is not None:
-            heads = heads_for_sparsity(loaded.model, args.head_sparsity)
-        pruned, report = prune_structured(loaded.model, args.sparsity, norms, heads)
+        pruned, report = prune_structured(loaded.model, args.sparsity, norms, heads["per_group"])
     else:
         pruned = prune_unstructured(loaded.model, args.sparsity, args.method, norms, nm=nm)
         report = {"method": args.method, "realised_sparsity": zero_fraction(pruned)}
