@@ -59,7 +59,8 @@ def test_prune_skipgpt_cli_routers_then_lora(checkpoint, tmp_path, capsys):
     (["prune", "width", "--sparsity", "1.5"], "strictly between 0 and 1"),
     (["prune", "skipgpt", "--sparsity", "0"], "strictly between 0 and 1"),
     (["prune", "depth", "--remove", "9"], "cannot remove 9 layers from a 4-layer model"),
-    (["prune", "depth", "--remove", "1", "--calib", "SHORT"], "need at least 4 sequences"),
+    (["prune", "depth", "--remove", "1", "--calib", "SHORT"], "shorter than one sequence of --seq-len 128"),
+    (["prune", "depth", "--remove", "1", "--calib", "SHORT", "--seq-len", "0"], "need at least 4 sequences"),
 ])
 def test_bad_input_is_one_line(checkpoint, tmp_path, capsys, argv, message):
     short = tmp_path / "short.txt"

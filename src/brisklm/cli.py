@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "brisklm.vision.cli",
     "brisklm.serve.cli",
     "brisklm.inspect_cli",
+    "brisklm.generate_cli",
 ]
 
 

@@ -1,10 +1,9 @@
 """`brisk bench pruning`: quality kept per method and sparsity, routing statistics, real CPU speed of the
-sparse executor (vs dense and vs masked execution), KV bytes and quality per policy, SkipOPU cost model."""
+sparse executor (vs dense and vs masked execution), KV bytes and quality per policy, SkipOPU cost model, and
+speed at the real Qwen2.5-0.5B shape against HF's own forward (`real_shape`, see realshape.py)."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -20,26 +19,14 @@ from brisklm.pruning.calibration import CalibData, token_metrics
 from brisklm.pruning.gating import GatedRouting
 from brisklm.pruning.hardware import decode_cost
 from brisklm.pruning.kv import KV_POLICIES, ReuseKVCache, kv_bytes
+from brisklm.pruning.realshape import interleaved as interleaved_medians
+from brisklm.pruning.realshape import ratios, real_shape_figures
 from brisklm.pruning.routers import RouterSet
 from brisklm.pruning.sparse import sparse_forward
 from brisklm.pruning.study import run_study, study_data
 from brisklm.zoo.store import load
 
 BASE_MODEL = "mixed-lm"
-
-
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each callable, timed in interleaved rounds so CPU noise hits all of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 @torch.no_grad()
@@ -58,14 +45,14 @@ def speed_routed(model, routers: RouterSet, ids: torch.Tensor, repeats: int) -> 
         "sparse": lambda: sparse_forward(model, routers, ids, logits_rows="last"),
         "masked": masked,
         "hf_dense": lambda: model(input_ids=ids, logits_to_keep=1),
-    }, repeats)
+    }, repeats, warmup=2)
     ideal = dense_f.total() / sparse_f.total()
     speedup = t["dense"] / t["sparse"]
     return {"batch": ids.shape[0], "tokens": ids.shape[1], "skip_rate": record.skip_rates()["total"],
             "dense_s": t["dense"], "sparse_s": t["sparse"], "masked_s": t["masked"], "hf_dense_s": t["hf_dense"],
             "speedup_vs_dense": speedup, "speedup_vs_masked": t["masked"] / t["sparse"],
             "ideal_flops_ratio": ideal, "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else None,
-            "speedup_over_ideal": speedup / ideal}
+            "speedup_over_ideal": speedup / ideal, "vs_hf_dense": ratios(t["hf_dense"], t["sparse"], ideal)}
 
 
 @torch.no_grad()
@@ -85,7 +72,7 @@ def speed_large(attn_skip: float, mlp_skip: float, batch: int, tokens: int, repe
     execute(model, ids, flops=dense_f, logits_rows="last")
     execute(model, ids, plan=plan, flops=sparse_f, logits_rows="last")
     t = interleaved_medians({"dense": lambda: execute(model, ids, logits_rows="last"),
-                             "sparse": lambda: execute(model, ids, plan=plan, logits_rows="last")}, repeats)
+                             "sparse": lambda: execute(model, ids, plan=plan, logits_rows="last")}, repeats, warmup=2)
     ideal = dense_f.total() / sparse_f.total()
     speedup = t["dense"] / t["sparse"]
     return {"hidden": hidden, "layers": layers, "batch": batch, "tokens": tokens, "dense_s": t["dense"],
@@ -203,6 +190,7 @@ def bench_pruning(ctx: BenchContext) -> dict:
     calib_source = calibration_source_figures(model, tok, data, 0.40, ctx.seed)
     kv = kv_policy_figures(model, r40, data.test, tok.pad_token_id)
     cost = cost_model_figures(model, r40, data.test, tok.pad_token_id)
+    real_shape = real_shape_figures(q, ctx.seed, ctx.progress)
     _plot_quality(study, ctx.out_dir)
     realised = {lv: {"target": float(lv), **{m: r["realised_sparsity"] for m, r in res.items()}}
                 for lv, res in study["methods"].items()}
@@ -217,6 +205,7 @@ def bench_pruning(ctx: BenchContext) -> dict:
         "kv_policies": kv,
         "calibration_source": calib_source,
         "cost_model": cost,
+        "real_shape": real_shape,
         "settings": {"n_test": len(data.test.features), "n_calib": len(data.calib.features),
                      "n_train": len(data.train.features), **sk, "timing_repeats": repeats,
                      "torch_threads": torch.get_num_threads()},

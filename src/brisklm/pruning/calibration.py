@@ -2,11 +2,15 @@
 
 Data can come from the model's own training distribution ("mixed_lm", the LRM-pruning finding that
 aligned calibration is more stable), from a shifted distribution ("shifted": only noise and copy
-segments), or from a text file (one sequence per line, encoded through the text layer: any tokenizer).
+segments), or from the user's text: a `.txt` file (the whole file is one document) or a `.jsonl` file (one
+document per line, field `text`). Text is encoded through the text layer (any tokenizer): each document
+becomes `[bos] text eos`, the documents are concatenated and cut into sequences of `seq_len` tokens
+(`seq_len=None`: one sequence per line / record instead).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +19,7 @@ from typing import Callable
 import torch
 
 from brisklm.core.device import to_device
+from brisklm.core.text import as_text_layer
 from brisklm.errors import BriskError
 from brisklm.zoo.textlm import IGNORE, PadCollator, encode_plain_text
 
@@ -41,9 +46,53 @@ class CalibData:
         return out if device is None else [to_device(batch, device) for batch in out]
 
 
+def read_documents(path: Path) -> list[str]:
+    """The documents of a user text file: a `.jsonl` file's `text` fields (one per line), else the whole file."""
+    if path.suffix.lower() != ".jsonl":
+        text = path.read_text(encoding="utf-8")
+        return [text] if text.strip() else []
+    docs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BriskError(f"{path}: line {number} is not valid JSON ({error.msg}); each line must be an "
+                             'object like {"text": "..."}') from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BriskError(f"{path}: line {number} has no string field 'text'; each line must be an object "
+                             'like {"text": "..."}')
+        if record["text"].strip():
+            docs.append(record["text"])
+    return docs
+
+
+def pack_documents(tokenizer, docs: list[str], seq_len: int, n: int, where: str) -> list[dict]:
+    """Up to n sequences of exactly seq_len tokens cut from the concatenated `[bos] doc eos` encodings."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise BriskError(f"--seq-len must be an integer of at least 2, got {seq_len!r}")
+    text = as_text_layer(tokenizer)
+    stream: list[int] = []
+    for doc in docs:
+        stream += text.plain_ids(doc)
+        if len(stream) >= seq_len * n:
+            break
+    count = min(n, len(stream) // seq_len)
+    if count == 0:
+        raise BriskError(f"calibration text {where} has {len(stream)} tokens, shorter than one sequence of "
+                         f"--seq-len {seq_len}; pass more text or a smaller --seq-len")
+    windows = [stream[i * seq_len:(i + 1) * seq_len] for i in range(count)]
+    return [{"input_ids": w, "labels": [IGNORE] + w[1:]} for w in windows]
+
+
 def load_calibration(tokenizer, source: str = "mixed_lm", n: int = 64, split: str = "train", seed: int = 0,
-                     min_sequences: int = 4, min_tokens: int = 128) -> CalibData:
-    """n sequences from a named source or a text file; too little data is a user error."""
+                     min_sequences: int = 4, min_tokens: int = 128, seq_len: int | None = None) -> CalibData:
+    """n sequences from a named source or a user text file (.txt / .jsonl with field `text`).
+
+    With `seq_len`, a file's text is packed into sequences of seq_len tokens (at least one is needed, none
+    shorter); without it, each line (.txt) or record (.jsonl) is one sequence and too little data is a user error.
+    """
     from brisklm.tasks.mixed_lm import MixedLMTask
 
     if source in CALIB_SOURCES:
@@ -54,8 +103,14 @@ def load_calibration(tokenizer, source: str = "mixed_lm", n: int = 64, split: st
     else:
         path = Path(source)
         if not path.is_file():
-            raise BriskError(f"calibration source {source!r} is neither one of {', '.join(CALIB_SOURCES)} nor a text file")
-        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()][:n]
+            raise BriskError(f"calibration source {source!r} is neither one of {', '.join(CALIB_SOURCES)} nor a "
+                             "text file (.txt, or .jsonl with a 'text' field per line)")
+        docs = read_documents(path)
+        if seq_len is not None:
+            return CalibData(pack_documents(tokenizer, docs, seq_len, n, source), None, source)
+        if path.suffix.lower() != ".jsonl":
+            docs = [line for doc in docs for line in doc.splitlines()]
+        texts = [d.strip() for d in docs if d.strip()][:n]
         difficulty = None
     features = [encode_plain_text(tokenizer, t) for t in texts]
     data = CalibData(features, difficulty, source)

@@ -15,14 +15,29 @@ from brisklm.errors import BriskError
 CHECKPOINT_SUPPORT = {"prune depth": causal_lm_only, "prune width": causal_lm_only, "prune skipgpt": causal_lm_only}
 
 
-def _load(args):
+def _seq_len(args) -> int | None:
+    """--seq-len for file sources (0 = one sequence per line / record)."""
+    return args.seq_len or None
+
+
+def _pad(tokenizer) -> int:
+    """The pad id of the text layer (falls back to eos for tokenizers without a pad token)."""
+    from brisklm.core.text import as_text_layer
+
+    return as_text_layer(tokenizer).roles.pad_id
+
+
+def _load(args, check=None):
+    """The model (its family checked, then `check(model)`, before any work) and the calibration data."""
     from brisklm.core.adapter import ModelAdapter
     from brisklm.pruning.calibration import load_calibration
     from brisklm.zoo.store import load
 
     loaded = load(args.model, **device_kwargs(args))
     ModelAdapter.from_model(loaded.model)  # unsupported families fail here, before any work
-    data = load_calibration(loaded.tokenizer, args.calib, args.calib_n)
+    if check is not None:
+        check(loaded.model)
+    data = load_calibration(loaded.tokenizer, args.calib, args.calib_n, seq_len=_seq_len(args))
     return loaded, data
 
 
@@ -40,25 +55,43 @@ def cmd_depth(args: argparse.Namespace) -> int:
 
     loaded, data = _load(args)
     check_remove(loaded.model.config.num_hidden_layers, args.remove)
-    pruned, report = prune_depth(loaded.model, data, loaded.tokenizer.pad_token_id, args.remove, args.method)
+    pruned, report = prune_depth(loaded.model, data, _pad(loaded.tokenizer), args.remove, args.method)
     _save(pruned, loaded.tokenizer, args.out, {**report, "calib": args.calib})
     return 0
 
 
 def cmd_width(args: argparse.Namespace) -> int:
     from brisklm.pruning.skipgpt import check_sparsity
-    from brisklm.pruning.width import activation_norms, prune_structured, prune_unstructured, zero_fraction
+    from brisklm.pruning.width import (activation_norms, check_nm, heads_for_sparsity, parse_nm, prune_structured,
+                                       prune_unstructured, zero_fraction)
 
-    check_sparsity(args.sparsity)
-    loaded, data = _load(args)
-    pad = loaded.tokenizer.pad_token_id
+    nm = parse_nm(args.nm) if args.nm else None
+    if nm is not None and args.method == "structured":
+        raise BriskError("--nm is a pattern of unstructured pruning; use it with --method wanda or magnitude")
+    if nm is None:
+        if args.sparsity is None:
+            raise BriskError("pass --sparsity FRACTION (or --nm N:M for magnitude/wanda)")
+        check_sparsity(args.sparsity)
+    heads = {"per_group": args.heads_per_group}
+
+    def check(model) -> None:  # shapes first: no calibration work for a pattern or head count that cannot apply
+        if nm is not None:
+            check_nm(model, *nm)
+        if args.method == "structured" and args.head_sparsity is not None:
+            heads["per_group"] = heads_for_sparsity(model, args.head_sparsity)
+
+    loaded, data = _load(args, check)
+    pad = _pad(loaded.tokenizer)
     norms = activation_norms(loaded.model, data, pad) if args.method in ("wanda", "structured") else None
     if args.method == "structured":
-        pruned, report = prune_structured(loaded.model, args.sparsity, norms, args.heads_per_group)
+        pruned, report = prune_structured(loaded.model, args.sparsity, norms, heads["per_group"])
     else:
-        pruned = prune_unstructured(loaded.model, args.sparsity, args.method, norms)
+        pruned = prune_unstructured(loaded.model, args.sparsity, args.method, norms, nm=nm)
         report = {"method": args.method, "realised_sparsity": zero_fraction(pruned)}
-    _save(pruned, loaded.tokenizer, args.out, {**report, "target_sparsity": args.sparsity, "calib": args.calib})
+        if nm is not None:
+            report["nm"] = f"{nm[0]}:{nm[1]}"
+    target = args.sparsity if nm is None else 1 - nm[0] / nm[1]
+    _save(pruned, loaded.tokenizer, args.out, {**report, "target_sparsity": target, "calib": args.calib})
     return 0
 
 
@@ -73,7 +106,7 @@ def cmd_skipgpt(args: argparse.Namespace) -> int:
                           lora_steps=args.steps)
     loaded, _ = _load(args)
     model, tok = loaded.model, loaded.tokenizer
-    train = load_calibration(tok, args.calib, args.train_n, seed=1)
+    train = load_calibration(tok, args.calib, args.train_n, seed=1, seq_len=_seq_len(args))
     if args.stage == "routers":
         routers, stats = train_routers(model, tok, train.features, opts)
     else:
@@ -84,7 +117,7 @@ def cmd_skipgpt(args: argparse.Namespace) -> int:
         model, stats = train_lora(model, tok, train.features, routers, opts)
     test = load_calibration(tok, "mixed_lm", 64, split="test") if args.calib in ("mixed_lm", "shifted") else train
     records = []
-    metrics = token_metrics(routed_forward(model, routers, records), test, tok.pad_token_id)
+    metrics = token_metrics(routed_forward(model, routers, records), test, _pad(tok))
     report = {**stats, **metrics, "target_sparsity": args.sparsity, "realised_sparsity": merged_rates(records)["total"],
               "skip_rates": merged_rates(records), "router": args.router, "calib": args.calib}
     save_skipgpt(args.out, model, tok, routers, report)
@@ -100,8 +133,11 @@ def add_commands(subparsers) -> None:
     def common(p, training: bool = False):
         p.add_argument("--model", required=True, help="zoo name or local HF checkpoint folder")
         p.add_argument("--calib", default="mixed_lm",
-                       help="calibration/recovery data: mixed_lm (the model's own distribution), shifted, or a text file")
-        p.add_argument("--calib-n", type=int, default=64, help="calibration sequences")
+                       help="calibration/recovery data: mixed_lm (the model's own distribution), shifted, or your "
+                            "text: FILE.txt or FILE.jsonl (field 'text'), encoded with the model's tokenizer")
+        p.add_argument("--calib-n", type=int, default=64, help="calibration sequences (at most)")
+        p.add_argument("--seq-len", type=int, default=128,
+                       help="tokens per calibration sequence cut from a text file (0 = one sequence per line/record)")
         p.add_argument("--out", required=True, help="output checkpoint folder")
         add_device_args(p, training=training)
 
@@ -113,9 +149,13 @@ def add_commands(subparsers) -> None:
 
     p = sub.add_parser("width", help="magnitude / Wanda (unstructured) or structured channel+head pruning")
     common(p)
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of decoder projection weights, in (0, 1)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of decoder projection weights, in (0, 1)")
     p.add_argument("--method", choices=("magnitude", "wanda", "structured"), default="wanda")
+    p.add_argument("--nm", default=None, metavar="N:M",
+                   help="magnitude/wanda: keep N of every M consecutive input weights (e.g. 2:4) instead of --sparsity")
     p.add_argument("--heads-per-group", type=int, default=0, help="structured: query heads removed per KV group")
+    p.add_argument("--head-sparsity", type=float, default=None,
+                   help="structured: fraction of query heads removed (rounded per KV group; overrides --heads-per-group)")
     p.set_defaults(func=cmd_width)
 
     p = sub.add_parser("skipgpt", help="train SkipGPT routers (stage routers) or LoRA with frozen routers (stage lora)")

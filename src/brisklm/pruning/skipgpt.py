@@ -187,9 +187,8 @@ def save_skipgpt(out_dir: str | Path, model, tokenizer, routers: RouterSet, info
     return out
 
 
-def load_skipgpt(path: str | Path):
-    """(model, tokenizer, routers) from a folder written by save_skipgpt."""
-    from brisklm.zoo.store import load
+def load_skipgpt(path: str | Path, device: str = "auto", dtype: str = "auto", kv_policy: str = "full"):
+    """A SkipGPTModel from a folder written by save_skipgpt (see brisklm.pruning.skipmodel)."""
+    from brisklm.pruning.skipmodel import load_skipgpt as load_model
 
-    loaded = load(str(path))
-    return loaded.model, loaded.tokenizer, RouterSet.load(loaded.path).follow(loaded.model)
+    return load_model(path, device, dtype, kv_policy)

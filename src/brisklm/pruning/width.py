@@ -71,26 +71,71 @@ def zero_fraction(model) -> float:
     return sum(int((l.weight == 0).sum()) for l in linears) / sum(l.weight.numel() for l in linears)
 
 
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4): keep N weights in every group of M consecutive inputs (1 <= N < M)."""
+    try:
+        n, m = (int(part) for part in str(pattern).split(":"))
+    except ValueError:
+        raise BriskError(f"N:M pattern {pattern!r} is not of the form N:M, e.g. 2:4") from None
+    if not 1 <= n < m:
+        raise BriskError(f"N:M pattern {pattern!r} must keep 1 <= N < M weights per group of M, e.g. 2:4")
+    return n, m
+
+
+def check_nm(model, n: int, m: int) -> None:
+    """A user error naming the first decoder projection whose input size M does not divide."""
+    for name, lin in _linears(ModelAdapter.from_model(model)).items():
+        if lin.in_features % m:
+            layer, module = name.split(".", 1)
+            raise BriskError(f"N:M {n}:{m} needs every projection's input size divisible by {m}, but layer {layer} "
+                             f"{module} has {lin.in_features} inputs; choose an M that divides it (e.g. 2:4)")
+
+
 @torch.no_grad()
-def prune_unstructured(model, sparsity: float, method: str = "wanda",
-                       norms: dict[str, torch.Tensor] | None = None):
-    """Zero the lowest-scoring `sparsity` fraction of each output row: |W| (magnitude) or |W|*||X|| (Wanda)."""
-    check_sparsity(sparsity)
+def prune_unstructured(model, sparsity: float | None, method: str = "wanda",
+                       norms: dict[str, torch.Tensor] | None = None, nm: tuple[int, int] | str | None = None):
+    """Zero low-scoring weights, scored |W| (magnitude) or |W|*||X|| (Wanda), on a copy of `model`.
+
+    Without `nm`: the lowest `sparsity` fraction of each output row. With `nm=(N, M)` (or "N:M"): in every
+    group of M consecutive input weights of a row, keep the N highest-scoring (2:4 = 50%, the sparse-tensor-core
+    pattern); `sparsity` is then ignored (pass None).
+    """
+    if nm is None:
+        check_sparsity(sparsity)
+    else:
+        nm = parse_nm(nm) if isinstance(nm, str) else nm
+        check_nm(model, *nm)
     if method not in ("magnitude", "wanda"):
         raise BriskError(f"unknown unstructured method {method!r}; use magnitude or wanda")
     if method == "wanda" and norms is None:
         raise BriskError("Wanda needs calibration activations; pass norms=activation_norms(model, data, pad_id)")
     pruned = copy.deepcopy(model)
     for name, lin in _linears(ModelAdapter.from_model(pruned)).items():
-        score = lin.weight.abs()  # (out, in)
+        score = lin.weight.abs().float()  # (out, in)
         if method == "wanda":
             score = score * norms[name].to(score.device)[None, :]
+        if nm is not None:
+            n, m = nm
+            groups = score.view(score.shape[0], -1, m)  # (out, in / M, M)
+            drop = groups.topk(m - n, dim=2, largest=False).indices
+            mask = torch.ones_like(groups, dtype=torch.bool).scatter_(2, drop, False).view_as(score)
+            lin.weight.masked_fill_(~mask, 0.0)
+            continue
         k = int(round(sparsity * lin.in_features))
         if k == 0:
             continue
         drop = score.topk(k, dim=1, largest=False).indices
         lin.weight.scatter_(1, drop, 0.0)
     return pruned.eval()
+
+
+def nm_violations(model, n: int, m: int) -> int:
+    """Groups of M consecutive inputs (in any decoder projection row) holding more than N non-zeros."""
+    bad = 0
+    for lin in _linears(ModelAdapter.from_model(model)).values():
+        nonzero = (lin.weight != 0).view(lin.out_features, -1, m).sum(-1)
+        bad += int((nonzero > n).sum())
+    return bad
 
 
 def _shrink_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
@@ -102,6 +147,21 @@ def _shrink_linear(lin: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
     if lin.bias is not None:
         new.bias.data.copy_(lin.bias if dim == 1 else lin.bias.index_select(0, keep))
     return new
+
+
+def heads_for_sparsity(model, head_sparsity: float) -> int:
+    """Query heads to remove per KV group for a fraction of query heads; a group left empty is a user error."""
+    adapter = ModelAdapter.from_model(model)
+    h, hkv = adapter.num_heads, adapter.num_kv_heads
+    group = h // hkv
+    if not isinstance(head_sparsity, (int, float)) or not 0.0 <= head_sparsity < 1.0:
+        raise BriskError(f"head sparsity must be in [0, 1), got {head_sparsity!r}")
+    remove = int(round(head_sparsity * group))
+    if remove >= group:
+        raise BriskError(f"head sparsity {head_sparsity} removes all {group} query heads of each KV group ({h} query "
+                         f"heads / {hkv} KV heads), leaving a GQA group empty; use at most "
+                         f"{(group - 1) / group:.3g}")
+    return remove
 
 
 @torch.no_grad()
@@ -116,8 +176,9 @@ def prune_structured(model, sparsity: float, norms: dict[str, torch.Tensor], hea
     d, h, hkv, hd, m = (adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim,
                         adapter.intermediate_size)
     group = h // hkv
-    if not 0 <= heads_per_group < group:
-        raise BriskError(f"heads_per_group must be in [0, {group - 1}] (each KV group has {group} query heads)")
+    if not isinstance(heads_per_group, int) or not 0 <= heads_per_group < group:
+        raise BriskError(f"heads_per_group must be in [0, {group - 1}]: each of the {hkv} KV groups has {group} query "
+                         f"heads, and removing {heads_per_group} would leave a GQA group empty")
     total = decoder_linear_params(model)
     head_saving = adapter.num_layers * hkv * heads_per_group * 2 * hd * d
     mlp_saving_needed = sparsity * total - head_saving
