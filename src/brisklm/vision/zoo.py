@@ -166,7 +166,10 @@ register(ZooRecipe(
     options=dict(n_test=400, task_options=TASK_OPTIONS, vision=VISION_SHAPE, text=TEXT_SHAPE,
                  warmup=dict(steps=150, batch_size=32, learning_rate=2e-3, log_every=50,
                              task_options=dict(max_objects=1, families=("attribute",))),
-                 train=dict(steps=750, batch_size=32, learning_rate=2e-3, log_every=50)),
+                 train=dict(steps=750, batch_size=32, learning_rate=2e-3, log_every=50),
+                 # One thread: with two, the different summation order sends this fragile run into the
+                 # image-blind collapse (accuracy 0.5675, attribute 0.31, against 0.675 / 0.68 with one thread).
+                 threads=1),
 ))
 
 

@@ -62,13 +62,14 @@ def is_stale(name: str, seed: int = 0) -> bool:
 
 
 @contextmanager
-def training_threads() -> Iterator[None]:
+def training_threads(threads: int | None = None) -> Iterator[None]:
     """Train with every core (or $OMP_NUM_THREADS when set), whatever thread count the caller runs with: one
-    training process owns the machine, while decoding benchmarks keep their single thread."""
+    training process owns the machine, while decoding benchmarks keep their single thread. A recipe may pin
+    `threads` (its `options["threads"]`) when its result depends on the float summation order."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
+    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
     try:
         yield
     finally:
@@ -85,7 +86,7 @@ def train(name: str, seed: int = 0, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     start = time.perf_counter()
-    with training_threads():
+    with training_threads(recipe.options.get("threads")):
         quality = recipe.train(recipe, tmp, seed)
     quality = {"model": name, "task": recipe.task, "metric": recipe.quality_metric, "seed": seed,
                "fingerprint": fingerprint(name), "wall_seconds": round(time.perf_counter() - start, 1), **quality}
