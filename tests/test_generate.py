@@ -218,3 +218,11 @@ def test_bad_input_raises_one_line_errors():
         brisklm.generate(model, ids, mask, max_new_tokens=2, cache=DynamicCache())
     with pytest.raises(BriskError, match="max_new_tokens"):
         brisklm.generate(model, ids, mask, max_length=3)
+
+
+def test_left_pad_puts_rows_at_the_right_edge():
+    from brisklm.core.generate import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [9]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == torch.long and mask.dtype == torch.long

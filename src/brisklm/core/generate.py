@@ -33,6 +33,18 @@ _UNSUPPORTED: dict[str, tuple] = {
 }
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as (B, T) left-padded ids and their 0/1 attention mask (what `generate`
+    takes), filled on the host and moved to `device` once."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def resolve_generation_config(model, generation_config=None, **overrides):
     """The effective GenerationConfig, merged as HF does: argument > model.generation_config > HF defaults; then
     `overrides` (e.g. max_new_tokens=8) on top. Unknown override names raise a BriskError."""

@@ -28,7 +28,7 @@ from transformers import Trainer
 from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import KVCache
 from brisklm.core.executor import execute
-from brisklm.core.generate import generate
+from brisklm.core.generate import generate, left_pad
 from brisklm.errors import BriskError
 from brisklm.core.plan import Plan
 from brisklm.core.text import TextLayer, as_text_layer
@@ -314,17 +314,6 @@ def _stops(text: TextLayer) -> list[int]:
     return sorted(set(text.roles.eos_ids) | {text.end_id})
 
 
-def _left_pad(heads: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, P) left-padded ids and their 0/1 mask, filled on the host and moved once."""
-    width = max(len(h) for h in heads)
-    ids = torch.full((len(heads), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, h in enumerate(heads):
-        ids[i, width - len(h):] = torch.tensor(h)
-        mask[i, width - len(h):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def greedy_after(model, tokenizer, heads: Sequence[list[int]], max_new_tokens: int,
                  batch_size: int = 128) -> list[tuple[str, int]]:
@@ -334,7 +323,7 @@ def greedy_after(model, tokenizer, heads: Sequence[list[int]], max_new_tokens: i
     pad = text.roles.pad_id
     out = []
     for start in range(0, len(heads), batch_size):
-        ids, mask = _left_pad(heads[start:start + batch_size], pad, model.device)
+        ids, mask = left_pad(heads[start:start + batch_size], pad, model.device)
         generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=_stops(text), pad_token_id=pad)[:, ids.shape[1]:]
         out.extend(_decode(tokenizer, row) for row in generated.tolist())
@@ -366,7 +355,7 @@ def coconut_generate(model, tokenizer, prompts: Sequence[str], latents: Sequence
         for start in range(0, len(members), batch_size):
             idx = members[start:start + batch_size]
             cache = KVCache(adapter.num_layers)
-            ids, mask = _left_pad([heads[i] for i in idx], pad, device)
+            ids, mask = left_pad([heads[i] for i in idx], pad, device)
             positions = (mask.long().cumsum(dim=1) - 1).masked_fill(mask == 0, 1)  # HF's left-padding rule
             state = execute(model, ids, plan=Plan(position_ids=positions), cache=cache, attention_mask=mask,
                             logits_rows="none").last_hidden[:, -1:]

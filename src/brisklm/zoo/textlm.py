@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from brisklm.core.device import trainer_precision
-from brisklm.core.generate import generate
+from brisklm.core.generate import generate, left_pad
 from brisklm.core.text import TextLayer, as_text_layer
 from brisklm.tasks.base import Example
 
@@ -128,13 +128,8 @@ def greedy_complete(model, tokenizer: Text, prompts: Sequence[str], max_new_toke
     eos, pad = list(text.roles.eos_ids), text.roles.pad_id
     for start in range(0, len(prompts), batch_size):
         chunk = [text.prompt_ids(p) for p in prompts[start:start + batch_size]]
-        length = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, c in enumerate(chunk):
-            ids[i, length - len(c):] = torch.tensor(c)
-            mask[i, length - len(c):] = 1
-        ids, mask = ids.to(model.device), mask.to(model.device)  # filled on the host, moved once
+        ids, mask = left_pad(chunk, pad, model.device)
+        length = ids.shape[1]
         generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=eos, pad_token_id=pad)[:, length:]
         for row in generated.tolist():
