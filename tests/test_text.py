@@ -146,3 +146,15 @@ def test_text_args():
     assert text_options(parser.parse_args(["--no-chat-template", "--system-prompt", "Be brief."])) == {
         "chat_template": False, "system_prompt": "Be brief."}
     assert text_options(argparse.Namespace()) == {"chat_template": True, "system_prompt": None}
+
+
+@pytest.mark.parametrize("style", ["qwen2", "llama3", "mistral"])
+def test_stop_ids_are_every_eos_and_the_end_of_turn(fixture_checkpoints, style):
+    from dataclasses import replace
+
+    tok = AutoTokenizer.from_pretrained(fixture_checkpoints(style))
+    text = TextLayer.from_tokenizer(tok)
+    assert text.stop_ids[: len(text.roles.eos_ids)] == text.roles.eos_ids and text.end_id in text.stop_ids
+    detached = TextLayer(tok, replace(text.roles, eos_ids=text.roles.eos_ids[:1]), True, None)
+    assert set(detached.stop_ids) == {text.roles.eos_ids[0], detached.end_id}
+    assert detached.cut_at_eos([7, detached.end_id, 8]) == ([7], True)

@@ -41,7 +41,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = TextLayer.for_model(model, tokenizer, **text_options(args))
     prompt = text.prompt_ids(args.prompt)
     ids = torch.tensor([prompt], device=model.device)
-    options = {"max_new_tokens": args.max_new_tokens, "eos_token_id": list(dict.fromkeys([*text.roles.eos_ids, text.end_id])),
+    options = {"max_new_tokens": args.max_new_tokens, "eos_token_id": list(text.stop_ids),
                "pad_token_id": text.roles.pad_id, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         torch.manual_seed(args.seed)

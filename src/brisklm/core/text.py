@@ -188,6 +188,11 @@ class TextLayer:
             return self.roles.end_of_turn_id
         return self.roles.eos_id
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every id that ends a completion: each eos id, then `end_id` (the template's end of turn) if not among them."""
+        return tuple(dict.fromkeys([*self.roles.eos_ids, self.end_id]))
+
     def completion_ids(self, completion: str) -> list[int]:
         """A completion's ids closed by `end_id` (it starts a new segment after the prompt frame)."""
         return self.encode(completion) + [self.end_id]
@@ -200,7 +205,7 @@ class TextLayer:
     def cut_at_eos(self, ids: Iterable[int]) -> tuple[list[int], bool]:
         """Ids up to (not including) the first of any eos id, and whether one was found."""
         ids = [int(i) for i in ids]
-        ends = set(self.roles.eos_ids) | {self.end_id}
+        ends = set(self.stop_ids)
         for k, i in enumerate(ids):
             if i in ends:
                 return ids[:k], True

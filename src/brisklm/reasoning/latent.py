@@ -309,11 +309,6 @@ def _decode(tokenizer, row: list[int]) -> tuple[str, int]:
     return text.decode(row).strip(), len(row) + int(finished)
 
 
-def _stops(text: TextLayer) -> list[int]:
-    """Ids that end a generation: every eos id and the chat template's end of turn."""
-    return sorted(set(text.roles.eos_ids) | {text.end_id})
-
-
 @torch.no_grad()
 def greedy_after(model, tokenizer, heads: Sequence[list[int]], max_new_tokens: int,
                  batch_size: int = 128) -> list[tuple[str, int]]:
@@ -325,7 +320,7 @@ def greedy_after(model, tokenizer, heads: Sequence[list[int]], max_new_tokens: i
     for start in range(0, len(heads), batch_size):
         ids, mask = left_pad(heads[start:start + batch_size], pad, model.device)
         generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=_stops(text), pad_token_id=pad)[:, ids.shape[1]:]
+                             eos_token_id=list(text.stop_ids), pad_token_id=pad)[:, ids.shape[1]:]
         out.extend(_decode(tokenizer, row) for row in generated.tolist())
     return out
 
@@ -366,7 +361,7 @@ def coconut_generate(model, tokenizer, prompts: Sequence[str], latents: Sequence
                                 cache=cache, logits_rows="none").last_hidden
             first = torch.full((len(idx), 1), eot, dtype=torch.long, device=device)
             rows = generate(model, first, cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=_stops(text), pad_token_id=pad)[:, 1:]
+                            eos_token_id=list(text.stop_ids), pad_token_id=pad)[:, 1:]
             for i, row in zip(idx, rows.tolist()):
                 out[i] = _decode(tokenizer, row)
     return out  # type: ignore[return-value]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from brisklm.core.device import trainer_precision
-from brisklm.core.generate import generate
+from brisklm.core.generate import generate, left_pad
 from brisklm.core.text import as_text_layer
 from brisklm.errors import BriskError
 from brisklm.eval.accuracy import pass_at_k  # noqa: F401  (re-exported for callers of this module)
@@ -81,24 +81,19 @@ def sample_rollouts(model, tokenizer, prompts: Sequence[str], n: int, max_new_to
     model.eval()
     layer = as_text_layer(tokenizer)  # a tokenizer or a TextLayer built for the model (chat frame, several eos ids)
     eos, pad = layer.end_id, layer.roles.pad_id
-    stops = sorted(set(layer.roles.eos_ids) | {eos})  # any eos id, and the template's end of turn, ends a rollout
+    stops = list(layer.stop_ids)  # any eos id, and the template's end of turn, ends a rollout
     jobs = [(i, layer.prompt_ids(p)) for i, p in enumerate(prompts) for _ in range(n)]
     torch.manual_seed(seed)
     out: list[Rollout] = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        width = max(len(ids) for _, ids in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, P) left-padded
-        mask = torch.zeros_like(ids)
-        for row, (_, p) in enumerate(chunk):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad([p for _, p in chunk], pad, model.device)  # (B, P) left-padded
+        width = ids.shape[1]
         kwargs: dict[str, Any] = {"generation_config": generation_config}
         if generation_config is None:
             kwargs["do_sample"] = do_sample
             if do_sample:
                 kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-        ids, mask = ids.to(model.device), mask.to(model.device)  # filled on the host, moved once
         generated = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=stops,
                              pad_token_id=pad, **kwargs)[:, width:]
         for (i, p), row in zip(chunk, generated.tolist()):

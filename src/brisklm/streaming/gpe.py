@@ -123,7 +123,7 @@ def stream_frame(tokenizer: object, instruction: str | None = None) -> StreamFra
     text = as_text_layer(tokenizer)
     roles = text.roles
     instruction = (instruction or "").strip()
-    ends = frozenset({*roles.eos_ids, text.end_id})
+    ends = frozenset(text.stop_ids)
     if text.chat_template:
         return _chat_frame(text, instruction, ends)
     prompt = (() if roles.bos_id is None else (roles.bos_id,)) + tuple(text.encode(instruction) if instruction else ())
