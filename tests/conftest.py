@@ -76,6 +76,28 @@ def tiny_model(family: str = "llama", layers: int = 3, kv_heads: int = 2, seed: 
     return model_cls(config).eval()
 
 
+def random_calibration(n: int, length: int, seed: int = 0):
+    """`n` random token sequences of `length` ids in [4, 97) as CalibData (labels shifted, first ignored)."""
+    from brisklm.pruning.calibration import CalibData
+
+    g = torch.Generator().manual_seed(seed)
+    feats = []
+    for _ in range(n):
+        ids = torch.randint(4, 97, (length,), generator=g).tolist()
+        feats.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    return CalibData(feats, None, "random")
+
+
+def run_cli(argv, capsys) -> str:
+    """Run `brisk ARGV` in-process; assert it exits 0 (showing the end of its stderr if not); return its stdout."""
+    from brisklm.cli import main
+
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    return captured.out
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family_model(request):
     return request.param, tiny_model(request.param)

@@ -12,6 +12,8 @@ import torch
 from brisklm.errors import BriskError
 from brisklm.analysis.user_tasks import label_log_probs, load_tasks, pick_task, task_examples
 
+from conftest import run_cli
+
 STYLES = ("qwen2", "llama3", "gemma2", "phi3")
 POS = ["a great film", "truly lovely day", "happy ending", "nice work", "wonderful music", "fine weather"]
 NEG = ["an awful film", "very sad news", "boring talk", "poor service", "ugly weather", "bad luck"]
@@ -163,28 +165,19 @@ def tasks_file(tmp_path_factory):
     return _file(tmp_path_factory.mktemp("analysis-tasks"), _tasks())
 
 
-def _run(argv, capsys) -> str:
-    from brisklm.cli import main
-
-    rc = main(argv)
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err[-2000:]
-    return captured.out
-
-
 @pytest.mark.parametrize("style", STYLES)
 def test_cli_pir_icl_lens_on_user_tasks(style, fixture_checkpoints, tasks_file, capsys, tmp_path):
     model = str(fixture_checkpoints(style))
-    out = _run(["analyze", "pir", "--model", model, "--tasks", tasks_file, "--task", "things", "--n", "6",
+    out = run_cli(["analyze", "pir", "--model", model, "--tasks", tasks_file, "--task", "things", "--n", "6",
                 "--shots", "3", "--device", "cpu", "--json", str(tmp_path / "pir.json")], capsys)
     assert "task things: 6 prompts, 3 shots" in out and "PIR[residual]" in out and "PIR[attn_contrib]" in out
     assert json.loads((tmp_path / "pir.json").read_text())["task"] == "things"
-    out = _run(["analyze", "icl", "--model", model, "--tasks", tasks_file, "--n", "4", "--shots", "3",
+    out = run_cli(["analyze", "icl", "--model", model, "--tasks", tasks_file, "--n", "4", "--shots", "3",
                 "--shot-counts", "1,8", "--device", "cpu", "--out", str(tmp_path / "icl")], capsys)
     figures = json.loads((tmp_path / "icl" / "icl.json").read_text())
     assert [r["quadrant"] for r in figures["quadrants"]][:4] == ["Q1", "Q2", "Q3", "Q4"]
     assert {(r["quadrant"], r["shots"]) for r in figures["shots"]} == {("Q2", 1), ("Q3", 1), ("Q3", 8)}  # 8 > things' 7
-    out = _run(["analyze", "lens", "--model", model, "--prompt", "a great film -> positive ; boring talk ->",
+    out = run_cli(["analyze", "lens", "--model", model, "--prompt", "a great film -> positive ; boring talk ->",
                 "--device", "cpu"], capsys)
     assert [line.split(":")[0].strip() for line in out.splitlines()] == ["emb", "L1", "L2", "L3"]
     assert "Ġ" not in out and "▁" not in out

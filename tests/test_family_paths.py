@@ -31,7 +31,7 @@ from brisklm.vision.vlm import (
     visual_mask,
 )
 
-from conftest import FAMILIES, family_config_kwargs, tiny_model
+from conftest import FAMILIES, family_config_kwargs, random_calibration, tiny_model
 
 TOL = 1e-5
 ALL = sorted(FAMILIES)
@@ -169,12 +169,7 @@ def test_vica_visual_kv_equals_executor_and_hf(family):
 
 
 def _calibration(n=6, length=16, seed=0) -> CalibData:
-    g = torch.Generator().manual_seed(seed)
-    feats = []
-    for _ in range(n):
-        ids = torch.randint(4, 97, (length,), generator=g).tolist()
-        feats.append({"input_ids": ids, "labels": [-100] + ids[1:]})
-    return CalibData(feats, None, "random")
+    return random_calibration(n, length, seed)
 
 
 def _layer_linear_params(model) -> int:

@@ -6,7 +6,6 @@ from transformers import AutoModelForCausalLM
 
 from brisklm.core import LayerStep, Plan, execute
 from brisklm.errors import BriskError
-from brisklm.pruning.calibration import CalibData
 from brisklm.pruning.depth import block_influence, calibration_perplexity, prune_depth, remove_layers
 from brisklm.pruning.width import (
     activation_norms,
@@ -16,18 +15,13 @@ from brisklm.pruning.width import (
     zero_fraction,
 )
 
-from conftest import tiny_model
+from conftest import random_calibration, tiny_model
 
 TOL = 1e-4
 
 
 def random_data(n=8, length=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    feats = []
-    for _ in range(n):
-        ids = torch.randint(4, 97, (length,), generator=g).tolist()
-        feats.append({"input_ids": ids, "labels": [-100] + ids[1:]})
-    return CalibData(feats, None, "random")
+    return random_calibration(n, length, seed)
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ from brisklm.errors import BriskError
 from brisklm.reasoning.data import ReasoningExample, load_jsonl
 from brisklm.reasoning.verifiers import last_boxed, make_verifier
 
+from conftest import run_cli
+
 STYLES = ("qwen2", "llama3", "gemma2", "phi3")
 
 
@@ -177,18 +179,9 @@ def data_file(tmp_path_factory):
     return _write(tmp_path_factory.mktemp("reason-data") / "d.jsonl", _arith_rows())
 
 
-def _run(argv, capsys) -> str:
-    from brisklm.cli import main
-
-    rc = main(argv)
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err[-2000:]
-    return captured.out
-
-
 @pytest.mark.parametrize("style", STYLES)
 def test_cli_opsft_on_user_data(style, fixture_checkpoints, data_file, capsys):
-    out = _run(["reason", "opsft", "--model", str(fixture_checkpoints(style)), "--data", data_file, "--rounds", "1",
+    out = run_cli(["reason", "opsft", "--model", str(fixture_checkpoints(style)), "--data", data_file, "--rounds", "1",
                 "--prompts", "2", "--samples", "2", "--budget", "8", "--max-new-tokens", "8", "--eval", "2",
                 "--device", "cpu", "--system", "Think step by step."], capsys)
     assert "before: " in out and "after: " in out and '"accuracy"' in out
@@ -199,7 +192,7 @@ def test_cli_distill_on_user_data(style, fixture_checkpoints, data_file, capsys,
     from brisklm.testing.checkpoints import build_checkpoint
 
     student = build_checkpoint(style, tmp_path / "student", seed=1)  # same tokenizer, other weights
-    out = _run(["reason", "distill", "--teacher", str(fixture_checkpoints(style)), "--student", str(student),
+    out = run_cli(["reason", "distill", "--teacher", str(fixture_checkpoints(style)), "--student", str(student),
                 "--data", data_file, "--rounds", "2", "--prompts", "2", "--samples", "1", "--max-new-tokens", "8",
                 "--eval", "2", "--kl", "mix:0.5", "--curriculum", "entropy", "--device", "cpu"], capsys)
     assert "student before" in out and "student after" in out and '"entropy"' in out
@@ -207,7 +200,7 @@ def test_cli_distill_on_user_data(style, fixture_checkpoints, data_file, capsys,
 
 @pytest.mark.parametrize("style", STYLES)
 def test_cli_latent_coconut_on_user_data(style, fixture_checkpoints, data_file, capsys, tmp_path):
-    out = _run(["reason", "latent", "--method", "coconut", "--model", str(fixture_checkpoints(style)),
+    out = run_cli(["reason", "latent", "--method", "coconut", "--model", str(fixture_checkpoints(style)),
                 "--data", data_file, "--stage0-steps", "1", "--stages", "2", "--steps-per-stage", "1",
                 "--batch-size", "4", "--eval", "3", "--device", "cpu", "--out", str(tmp_path / "out")], capsys)
     assert "coconut stage 2" in out and '"mean_latent_positions": 4.0' in out  # 2 steps replaced: 2 thoughts + bot/eot
@@ -267,7 +260,7 @@ def test_internalization_and_pause_read_the_steps_of_user_data(fixture_checkpoin
 @pytest.mark.parametrize("method", ["pause", "internalize"])
 def test_cli_latent_other_methods_with_eval_data(method, fixture_checkpoints, data_file, tmp_path, capsys):
     eval_file = _write(tmp_path / "e.jsonl", _arith_rows(3))
-    out = _run(["reason", "latent", "--method", method, "--model", str(fixture_checkpoints("llama3")),
+    out = run_cli(["reason", "latent", "--method", method, "--model", str(fixture_checkpoints("llama3")),
                 "--data", data_file, "--eval-data", eval_file, "--stage0-steps", "0", "--stages", "1",
                 "--steps-per-stage", "1", "--batch-size", "4", "--device", "cpu", "--remove-per-stage", "5",
                 "--pauses", "2"], capsys)
@@ -280,7 +273,7 @@ def test_cli_distill_every_objective_on_user_data(prefix, kl, fixture_checkpoint
     from brisklm.testing.checkpoints import build_checkpoint
 
     student = build_checkpoint("qwen2", tmp_path / "student", seed=2)
-    out = _run(["reason", "distill", "--teacher", str(fixture_checkpoints("qwen2")), "--student", str(student),
+    out = run_cli(["reason", "distill", "--teacher", str(fixture_checkpoints("qwen2")), "--student", str(student),
                 "--data", data_file, "--rounds", "1", "--prompts", "2", "--samples", "1", "--max-new-tokens", "6",
                 "--eval", "2", "--prefix", prefix, "--kl", kl, "--device", "cpu", "--verifier", "exact"], capsys)
     assert "student after" in out
@@ -325,7 +318,7 @@ def test_external_rollouts_are_filtered_like_on_policy_samples(fixture_checkpoin
     assert len(rollout_features(text, rollouts, make_verifier("numeric"), budget - 1)[0]) == 0
     with pytest.raises(BriskError, match="line 1: missing 'completion'"):
         load_rollouts(_write(tmp_path / "bad.jsonl", [{"question": "q", "answer": "1"}]))
-    out = _run(["reason", "opsft", "--model", str(fixture_checkpoints("llama3")), "--rollouts", path,
+    out = run_cli(["reason", "opsft", "--model", str(fixture_checkpoints("llama3")), "--rollouts", path,
                 "--eval-data", path, "--prompts", "1", "--samples", "2", "--rounds", "5", "--budget", str(budget),
                 "--max-new-tokens", "6", "--device", "cpu"], capsys)
     assert "before: " in out and "after: " in out
