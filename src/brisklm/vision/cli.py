@@ -75,8 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.arch == "vica":
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        if min(args.n_calib, args.n_test) < 1:
+            raise BriskError(f"--n-calib and --n-test must be at least 1, got {args.n_calib} and {args.n_test}")
         quality = train_vica_model(args.base, out, args.seed, args.num_layers, args.steps or 200, args.lr or 1e-3,
-                                   layers=layers)
+                                   layers=layers, n_calib=args.n_calib, n_test=args.n_test)
     elif args.arch == "dense":
         quality = train_dense_model(out, args.seed, args.steps, args.lr)
     else:
@@ -190,6 +192,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--base", default="shapes-llava", help="ViCA: dense LLaVA to start from")
     p.add_argument("--num-layers", type=int, default=2, help="ViCA: how many cross-attention layers to select")
     p.add_argument("--layers", default=None, help="ViCA: explicit comma-separated layers (skips selection)")
+    p.add_argument("--n-calib", type=int, default=256, help="ViCA: ShapesVQA questions for layer selection")
+    p.add_argument("--n-test", type=int, default=400, help="ViCA: ShapesVQA test questions for the accuracy")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -174,5 +174,5 @@ def load_processor(path: str | Path, model, tokenizer, device, chat_template: bo
                              "(image processor + tokenizer) with LlavaProcessor.save_pretrained(path)")
         return CheckpointProcessor(processor, model.config, getattr(model, "generation_config", None), chat_template,
                                    system_prompt, device)
-    check_image_size(path)
+    check_image_size(path)  # (load_vlm checks this before loading the model)
     return VLMProcessor(tokenizer, model.config, device)

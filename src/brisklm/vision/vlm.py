@@ -227,17 +227,19 @@ def load_vlm(name_or_path: str, seed: int = 0, device: str = "auto", dtype: str 
     from brisklm.zoo.store import check_eos, load_tokenizer, place, read_quality, resolve
 
     resolve_device(device)  # a missing device fails before any training or loading
+    from brisklm.vision.processor import check_image_size, has_processor, load_processor
+
     path = resolve(name_or_path, seed)
+    if not has_processor(path):
+        check_image_size(path)  # before loading: a tower without its image size does not load as saved
     try:
         model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, RuntimeError) as error:
         raise BriskError(f"cannot load {path} as a LLaVA model: {str(error).splitlines()[0]}") from None
     tokenizer = load_tokenizer(path)
     check_eos(model, tokenizer, path)
     model = place(model, path, device, dtype)
     model.eval()
-    from brisklm.vision.processor import load_processor
-
     processor = load_processor(path, model, tokenizer, model_device(model), chat_template, system_prompt)
     return LoadedVLM(model, processor, path, read_quality(path))
 
