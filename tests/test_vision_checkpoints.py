@@ -192,3 +192,13 @@ def test_bad_input_is_one_line(llava, tmp_path, capsys) -> None:
     (bare / "config.json").write_text(json.dumps(config))
     assert "image_size" in _error(["vision", "answer", "--model", str(bare), "--image", str(image),
                                    "--question", "What?"], capsys)
+
+
+def test_zoo_fixture_writes_a_llava_checkpoint(tmp_path, capsys) -> None:
+    out = tmp_path / "llava"
+    assert main(["zoo", "fixture", "--style", "llava-qwen2", "--out", str(out)]) == 0
+    assert (out / "processor_config.json").exists() and (out / "chat_template.jinja").exists()
+    capsys.readouterr()
+    assert main(["inspect", "--model", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["commands"]["vision answer"] is None and report["commands"]["vision eval"] is None
