@@ -116,6 +116,9 @@ def test_vision_answer_and_eval_cli(llava, tmp_path, capsys) -> None:
     shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert isinstance(shown["answer"], str) and shown["image_tokens"] == TOKENS
     assert shown["visual_tokens_per_layer"][:2] == [TOKENS, TOKENS] and shown["visual_tokens_per_layer"][2] == 10
+    assert main(["vision", "prune", "--model", str(llava), "--method", "pdrop", "--keep", "10", "--n", "8"]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=pytest.fail)  # no NaN
+    assert shown["visual_tokens"] == TOKENS and shown["flops_ratio"] < 1
     two = _png(tmp_path, "other.png", seed=1)
     assert main(["vision", "answer", "--model", str(llava), "--image", str(image), "--image", str(two),
                  "--question", "Compare <image> and <image>.", "--max-new-tokens", "2", "--temperature", "0.7"]) == 0
@@ -126,7 +129,7 @@ def test_vision_answer_and_eval_cli(llava, tmp_path, capsys) -> None:
     out = tmp_path / "eval"
     assert main(["vision", "eval", "--model", str(llava), "--data", str(tmp_path / "qa.jsonl"), "--budgets", "0.25,5",
                  "--max-new-tokens", "2", "--batch-size", "3", "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     runs = {r["run"]: r for r in results["runs"]}
     assert set(runs) == {"dense", "fastv@12", "fastv@5", "pdrop@12", "pdrop@5", "visipruner@12", "visipruner@5"}
     assert runs["dense"]["flops_ratio"] == 1.0 and runs["fastv@5"]["flops_ratio"] < runs["fastv@12"]["flops_ratio"] < 1

@@ -41,9 +41,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     examples = _test_examples(args.n, args.seed)
     dense = evaluate_method(loaded, examples, _dense_spec())
     pruned = evaluate_method(loaded, examples, _spec(args))
-    kept = pruned["accuracy"] / dense["accuracy"] if dense["accuracy"] else float("nan")
+    kept = pruned["accuracy"] / dense["accuracy"] if dense["accuracy"] else None  # undefined when dense scores 0
     shown = {"method": args.method, "keep": args.keep, "dense_accuracy": round(dense["accuracy"], 4),
-             "accuracy": round(pruned["accuracy"], 4), "accuracy_kept": round(kept, 4),
+             "accuracy": round(pruned["accuracy"], 4), "accuracy_kept": None if kept is None else round(kept, 4),
              "visual_tokens": dense["visual_tokens"], "equivalent_visual_tokens": round(pruned["equivalent_tokens"], 3),
              "flops_ratio": round(pruned["flops_ratio"], 4)}
     for key in ("mean_fusion_layer", "mean_kept", "mean_exit_layer", "fired_fraction"):
