@@ -182,10 +182,19 @@ def test_bad_input_is_one_line(llava, tmp_path, capsys) -> None:
     (tmp_path / "qa.jsonl").write_text(json.dumps({"image": "ok.png", "question": "q", "answer": "a"}) + "\n")
     assert "larger than the 49" in _error(["vision", "eval", "--model", str(llava), "--data",
                                            str(tmp_path / "qa.jsonl"), "--budgets", "80"], capsys)
-    # no processor: the zoo's word format still works while the config gives the image size ...
+    # an image processor alone (older folders) is paired with the tokenizer: the same inputs as the full processor
     bare = tmp_path / "bare"
     shutil.copytree(llava, bare)
-    for name in ("processor_config.json", "chat_template.jinja"):
+    full = load_vlm(str(llava), device="cpu").processor
+    (bare / "processor_config.json").unlink()
+    full.processor.image_processor.save_pretrained(bare)
+    paired = load_vlm(str(bare), device="cpu").processor
+    assert isinstance(paired, CheckpointProcessor) and paired.tokens_per_image == TOKENS
+    rows = ([_images(1)[0]], ["What is it?"])
+    assert torch.equal(paired(*rows).input_ids, full(*rows).input_ids)
+    assert torch.equal(paired(*rows).pixel_values, full(*rows).pixel_values)
+    # no processor: the zoo's word format still works while the config gives the image size ...
+    for name in ("preprocessor_config.json", "chat_template.jinja"):
         (bare / name).unlink(missing_ok=True)
     fallback = load_vlm(str(bare), device="cpu")
     assert isinstance(fallback.processor, VLMProcessor) and fallback.processor.tokens_per_image == TOKENS

@@ -96,7 +96,8 @@ class CheckpointProcessor:
 
     def _encode(self, images: list[Any], question: str) -> tuple[list[int], torch.Tensor]:
         """One row's expanded ids and its images' pixels, checked against the model's per-image count."""
-        out = self.processor(text=[self.frame(question, len(images))], images=images, return_tensors="pt")
+        out = self.processor(text=[self.frame(question, len(images))], images=images, return_tensors="pt",
+                             add_special_tokens=not self.template)  # a template writes its own bos
         ids = [int(i) for i in out["input_ids"][0]]
         expected = len(images) * self.tokens_per_image
         got = sum(i == self.image_token_id for i in ids)
@@ -108,7 +109,7 @@ class CheckpointProcessor:
     def prompt_ids(self, question: str, num_images: int = 1) -> list[int]:
         """A prompt's ids with the image placeholders expanded (no pixels needed)."""
         framed = self.frame(question, num_images)
-        ids = self.tokenizer(framed, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(framed, add_special_tokens=not self.template)["input_ids"]
         return [j for i in ids for j in ([i] * self.tokens_per_image if i == self.image_token_id else [i])]
 
     def answer_ids(self, answer: str) -> list[int]:
@@ -155,6 +156,21 @@ def check_image_size(path: str | Path) -> None:
                          "beside it with processor.save_pretrained(path)")
 
 
+def _llava_processor(image_processor, tokenizer, config):
+    """A LlavaProcessor from a folder's image processor and tokenizer, its token count from the model config."""
+    from transformers import LlavaProcessor
+
+    vision = config.vision_config
+    extra = 1 if getattr(vision, "model_type", "") == "clip_vision_model" else 0  # CLIP's CLS token
+    try:
+        return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=int(vision.patch_size),
+                              vision_feature_select_strategy=config.vision_feature_select_strategy,
+                              num_additional_image_tokens=extra, chat_template=getattr(tokenizer, "chat_template", None))
+    except (AttributeError, TypeError, ValueError, IndexError) as error:
+        raise BriskError(f"cannot pair the image processor with the tokenizer ({error}); save the full processor "
+                         "with LlavaProcessor.save_pretrained(path)") from None
+
+
 def load_processor(path: str | Path, model, tokenizer, device, chat_template: bool = True,
                    system_prompt: str | None = None):
     """The checkpoint's own processor when it has one (AutoProcessor), else the zoo's word-format VLMProcessor."""
@@ -169,9 +185,10 @@ def load_processor(path: str | Path, model, tokenizer, device, chat_template: bo
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise BriskError(f"cannot load the processor in {path}: {first}; save it again with "
                              "processor.save_pretrained(path)") from None
-        if not callable(getattr(processor, "apply_chat_template", None)) or not hasattr(processor, "tokenizer"):
-            raise BriskError(f"the processor in {path} is an image processor only; save the full processor "
-                             "(image processor + tokenizer) with LlavaProcessor.save_pretrained(path)")
+        if not hasattr(processor, "tokenizer"):  # an image processor alone (older folders): pair it with the tokenizer
+            processor = _llava_processor(processor, tokenizer, model.config)
+        elif hasattr(processor, "patch_size") and processor.patch_size is None:  # no processor_config.json
+            processor = _llava_processor(processor.image_processor, processor.tokenizer, model.config)
         return CheckpointProcessor(processor, model.config, getattr(model, "generation_config", None), chat_template,
                                    system_prompt, device)
     check_image_size(path)  # (load_vlm checks this before loading the model)
