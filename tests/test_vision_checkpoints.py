@@ -74,6 +74,11 @@ def test_executor_logits_equal_hf_llava_forward(loaded) -> None:
     assert (ours - hf).abs().max().item() < 1e-4
     dense, _ = prune_prefill(loaded.model, batch, PruneSpec(method="dense"))
     assert (dense - hf).abs().max().item() < 1e-4
+    one = loaded.processor([_images(1)[0]], ["Is there a square?"])  # FastV with a full budget is a no-op
+    kept, _ = prune_prefill(loaded.model, one, PruneSpec(method="fastv", keep=TOKENS))
+    assert (kept - hf[:1]).abs().max().item() < 1e-4
+    pruned, _ = prune_prefill(loaded.model, one, PruneSpec(method="fastv", keep=5))
+    assert (pruned - hf[:1]).abs().max().item() > 1e-3  # (and the comparison can fail)
 
 
 def test_generation_loop_equals_hf_generate(loaded) -> None:
@@ -124,7 +129,8 @@ def test_vision_answer_and_eval_cli(llava, tmp_path, capsys) -> None:
                  "--question", "Compare <image> and <image>.", "--max-new-tokens", "2", "--temperature", "0.7"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image_tokens"] == 2 * TOKENS
     lines = [{"image": "scene.png", "question": "Which shape?", "answer": "circle", "options": ["square", "circle"]},
-             {"image": "other.png", "question": "What colour?", "answer": "red"}] * 2
+             {"image": "other.png", "question": "What colour?", "answer": "red"},
+             {"image": ["scene.png", "other.png"], "question": "Is <image> the same as <image>?", "answer": "no"}] * 2
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "eval"
     assert main(["vision", "eval", "--model", str(llava), "--data", str(tmp_path / "qa.jsonl"), "--budgets", "0.25,5",
