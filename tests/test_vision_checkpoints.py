@@ -60,6 +60,8 @@ def test_processor_reads_the_checkpoint(loaded) -> None:
     image_processor = processor.processor.image_processor
     expected = (128 / 255 - torch.tensor(image_processor.image_mean)) / torch.tensor(image_processor.image_std)
     assert torch.allclose(pixels[:, 0, 0], expected.float(), atol=1e-5)
+    framed = CheckpointProcessor(processor.processor, loaded.model.config, system_prompt="Be brief.").frame("Q?")
+    assert "Be brief." in framed and "helpful assistant" not in framed and framed.count("<image>") == 1
     # prompt_ids (training) = what the processor call gives (inference)
     assert processor.prompt_ids("What colour is the circle?") == batch.input_ids[0][real].tolist()
 

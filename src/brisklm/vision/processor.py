@@ -192,4 +192,7 @@ def load_processor(path: str | Path, model, tokenizer, device, chat_template: bo
         return CheckpointProcessor(processor, model.config, getattr(model, "generation_config", None), chat_template,
                                    system_prompt, device)
     check_image_size(path)  # (load_vlm checks this before loading the model)
+    if system_prompt:
+        raise BriskError(f"{path} has no processor, so its prompts use the zoo's fixed word format, which has no "
+                         "system message; drop --system-prompt")
     return VLMProcessor(tokenizer, model.config, device)

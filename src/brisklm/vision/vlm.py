@@ -1,8 +1,9 @@
 """A tiny LLaVA (HF `LlavaForConditionalGeneration`: CLIP-style tower, MLP projector, Llama LM) and its inputs.
 
-Our word-level tokenizer expands one `<image>` into as many image tokens as the vision tower produces. Every
-method reads where the image tokens are (and how many) from `input_ids`, never from constants, so any LLaVA
-checkpoint with a supported text model works.
+`VLMProcessor` is the zoo's word format: one `<image>` expanded into as many image tokens as the vision tower
+produces, pixels in [0, 1]. A checkpoint with its own processor goes through `vision.processor.CheckpointProcessor`
+instead (same interface; `load_vlm` picks). Every method reads where the image tokens are (and how many) from
+`input_ids`, never from constants, so any LLaVA checkpoint with a supported text model works.
 """
 
 from __future__ import annotations
