@@ -142,6 +142,7 @@ def test_vision_answer_and_eval_cli(llava, tmp_path, capsys) -> None:
     assert set(runs) == {"dense", "fastv@12", "fastv@5", "pdrop@12", "pdrop@5", "visipruner@12", "visipruner@5"}
     assert runs["dense"]["flops_ratio"] == 1.0 and runs["fastv@5"]["flops_ratio"] < runs["fastv@12"]["flops_ratio"] < 1
     assert all(r["prefill_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in runs.values())
+    assert runs["pdrop@5"]["analytic_flops_ratio"] < runs["pdrop@12"]["analytic_flops_ratio"] < 1
     assert (out / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -157,6 +158,7 @@ def test_vision_train_vica_on_the_fixture(llava, tmp_path, capsys) -> None:
                  "--max-new-tokens", "2", "--out", str(tmp_path / "eval")]) == 0
     runs = json.loads((tmp_path / "eval" / "results.json").read_text())["runs"]
     assert [r["run"] for r in runs] == ["dense", "vica"] and runs[1]["flops_ratio"] < 1
+    assert runs[1]["analytic_flops_ratio"] is None  # (ViCA has no pruning record)
     assert main(["vision", "answer", "--model", str(out), "--image", str(tmp_path / "s.png"), "--question", "Colour?",
                  "--max-new-tokens", "2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arch"] == "vica"

@@ -146,7 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = str(args.data) if args.data else f"shapes_vqa test (n={args.n}, seed={args.seed})"
     figure = plot(results, out / "accuracy_vs_flops.png", f"{Path(str(args.model)).name} on {Path(data).name}")
     summary = {"model": str(args.model), "data": data, "questions": len(items), "visual_tokens": visual,
-               "note": "flops: executor-counted LM prefill; times: one pass each, same run", "runs": results,
+               "note": "flops_ratio: LM prefill FLOPs counted by the executor (work done inside a method's scoring hook "
+                       "is not in it); analytic_flops_ratio: vision.common.flops_ratio; times: one pass each, same run", "runs": results,
                "plot": str(figure)}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"{'run':<16}{'accuracy':>9}{'kept':>7}{'flops':>7}{'prefill':>9}{'decode':>8}")

@@ -17,8 +17,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from brisklm.core.adapter import ModelAdapter
 from brisklm.core.flops import FlopsCounter
 from brisklm.errors import BriskError
+from brisklm.vision.common import flops_ratio
 from brisklm.vision.processor import load_image
 from brisklm.vision.prune import PruneSpec, prune_generate, prune_prefill
 from brisklm.vision.vlm import LoadedVLM
@@ -181,13 +183,14 @@ def generate_answers(loaded: LoadedVLM, images: Sequence[Any], questions: Sequen
     return [loaded.processor.decode(row) for row in ids.tolist()], record
 
 
-def _prefill(loaded: LoadedVLM, batch, spec: PruneSpec | str, flops: FlopsCounter) -> None:
+def _prefill(loaded: LoadedVLM, batch, spec: PruneSpec | str, flops: FlopsCounter):
+    """Run the method's prefill, counting its executor FLOPs; the pruning record (None for ViCA)."""
     if spec == "vica":
         from brisklm.vision.vica import vica_prefill
 
         vica_prefill(loaded.model, batch.to(loaded.model.device), vica_layers(loaded.model), flops=flops)
-    else:
-        prune_prefill(loaded.model, batch, spec, flops=flops)
+        return None
+    return prune_prefill(loaded.model, batch, spec, flops=flops)[1]
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -234,12 +237,14 @@ def method_runs(methods: Sequence[str], budgets: Sequence[int], model, layer: in
 
 def evaluate(loaded: LoadedVLM, items: Sequence[QAItem], runs: Sequence[tuple[str, Any]], batch_size: int = 16,
              max_new_tokens: int = 16, progress: Callable | None = None, **generation) -> list[dict[str, Any]]:
-    """Per run: accuracy, accuracy kept, prefill FLOPs ratio (executor-counted), prefill seconds and decode
+    """Per run: accuracy, accuracy kept, prefill FLOPs ratio (executor-counted; `analytic_flops_ratio` is the
+    methods' own LM-prefill count from `vision.common.flops_ratio`), prefill seconds and decode
     seconds per step, and their ratios to dense (the first run). Decode = generation time minus the timed prefill,
     divided by the decode steps (runs may stop after different numbers of tokens)."""
     if batch_size < 1:
         raise BriskError(f"--batch-size must be at least 1, got {batch_size}")
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    adapter = ModelAdapter.from_model(loaded.model)
     if batches:  # one untimed dense prefill first, so the first timed run does not pay for warm-up
         warm = batches[0]
         _prefill(loaded, loaded.processor([it.images for it in warm], [it.question for it in warm]),
@@ -247,14 +252,16 @@ def evaluate(loaded: LoadedVLM, items: Sequence[QAItem], runs: Sequence[tuple[st
     bar = progress(total=len(runs) * len(batches), unit="batch") if progress else None
     results: list[dict[str, Any]] = []
     for label, spec in runs:
-        correct, flops, prefill_s, decode_s, steps, visual = 0, FlopsCounter(), 0.0, 0.0, 0, []
+        correct, flops, prefill_s, decode_s, steps, visual, analytic = 0, FlopsCounter(), 0.0, 0.0, 0, [], []
         for chunk in batches:
             if bar is not None:
                 bar.set_description(label)
             batch = loaded.processor([it.images for it in chunk], [it.question for it in chunk])
             start = time.perf_counter()
-            _prefill(loaded, batch, spec, flops)
+            prefill_record = _prefill(loaded, batch, spec, flops)
             this_prefill = time.perf_counter() - start
+            if prefill_record is not None:  # the methods' own analytic count (common.flops_ratio), batch-weighted
+                analytic.append(len(chunk) * flops_ratio(prefill_record, adapter, batch.attention_mask.sum(dim=1)))
             start = time.perf_counter()
             ids, record = run_method(loaded, batch, spec, max_new_tokens, **generation)
             prefill_s += this_prefill
@@ -271,7 +278,8 @@ def evaluate(loaded: LoadedVLM, items: Sequence[QAItem], runs: Sequence[tuple[st
                         "accuracy": correct / len(items), "prefill_flops": flops.total(),
                         "prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": steps,
                         "decode_s_per_step": decode_s / steps if steps else None,
-                        "equivalent_visual_tokens": sum(visual) / len(visual) if visual else None})
+                        "equivalent_visual_tokens": sum(visual) / len(visual) if visual else None,
+                        "analytic_flops_ratio": sum(analytic) / len(items) if analytic else None})
     if bar is not None:
         bar.close()
     dense = results[0]
