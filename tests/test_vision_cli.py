@@ -58,3 +58,14 @@ def _png(tmp_path):
     path = tmp_path / "s.png"
     Image.fromarray(render([{"shape": "square", "color": "blue", "row": 1, "col": 1}], 32)).save(path)
     return path
+
+
+def test_vision_eval_on_the_zoo_models(tmp_path, capsys) -> None:
+    """The zoo models go through the same eval path (ShapesVQA by default): a scorer that never matched would give 0."""
+    out = tmp_path / "eval"
+    assert main(["vision", "eval", "--model", "shapes-vica", "--n", "32", "--methods", "vica,fastv", "--budgets", "4",
+                 "--out", str(out)]) == 0
+    runs = {r["run"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"dense", "vica", "fastv@4"}
+    assert runs["dense"]["accuracy"] > 0.4 and runs["vica"]["accuracy"] > 0.4  # ~0.67 measured; a broken scorer gives 0
+    assert runs["vica"]["flops_ratio"] < runs["fastv@4"]["flops_ratio"] < 1

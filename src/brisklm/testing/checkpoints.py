@@ -202,8 +202,11 @@ def build_checkpoint(style: str, out_dir: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import GenerationConfig
 
+    if style in VISION_FIXTURE_STYLES:
+        return build_llava_checkpoint(out_dir, seed)
     if style not in _STYLES:
-        raise BriskError(f"unknown fixture style {style!r}: choose from {', '.join(FIXTURE_STYLES)}")
+        raise BriskError(f"unknown fixture style {style!r}: choose from "
+                         f"{', '.join(FIXTURE_STYLES + VISION_FIXTURE_STYLES)}")
     spec = _STYLES[style]
     tokenizer = _hf_tokenizer(spec)
     tid = tokenizer.convert_tokens_to_ids
@@ -218,4 +221,71 @@ def build_checkpoint(style: str, out_dir: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- vision fixtures
+
+VISION_FIXTURE_STYLES: tuple[str, ...] = ("llava-qwen2",)
+
+# A LLaVA-style ChatML template: message content is a string, or a list of {"type": "image"} / {"type": "text"}
+# parts (each image becomes one `<image>` placeholder the processor expands). Without a system message it adds a
+# default one, so the image tokens sit in the middle of the prompt, as in real LLaVA checkpoints.
+LLAVA_CHATML = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAVA_IMAGE_SIZE, LLAVA_PATCH = 28, 4  # 7 x 7 = 49 image tokens per image (LLaVA-1.5 has 576): a non-default count
+
+
+def build_llava_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight `LlavaForConditionalGeneration` with a Qwen2 text model and its own `LlavaProcessor`.
+
+    Conventions of a real LLaVA-on-Qwen2 folder: a CLIP image processor with non-trivial mean/std (resize to the
+    shortest edge, then centre crop), a byte-level BPE tokenizer with `<image>` as a special token, no BOS, two
+    eos ids, a chat template that places the image in the middle of the prompt, the penultimate vision layer and
+    the "default" strategy (CLS dropped): 49 image tokens per image. Tiny: builds in about a second.
+    """
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Config,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    style = _Style("bytelevel", ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"), None, "<|im_end|>",
+                   "<|endoftext|>", None, ("<|im_end|>", "<|endoftext|>"), "<|endoftext|>", LLAVA_CHATML, "qwen2")
+    tokenizer = _hf_tokenizer(style)
+    tid = tokenizer.convert_tokens_to_ids
+    eos = [tid(t) for t in style.config_eos]
+    ids = {"bos_token_id": None, "eos_token_id": eos, "pad_token_id": tid(style.pad)}
+    text_config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                              tie_word_embeddings=False, **ids)
+    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=LLAVA_IMAGE_SIZE, patch_size=LLAVA_PATCH, num_channels=3)
+    tokens = (LLAVA_IMAGE_SIZE // LLAVA_PATCH) ** 2
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_id=tid("<image>"),
+                         image_seq_length=tokens, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(**ids)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": LLAVA_IMAGE_SIZE}, crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
+        image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276], do_convert_rgb=True)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=LLAVA_PATCH,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHATML, image_token="<image>")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
     return out

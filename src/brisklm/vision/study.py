@@ -16,7 +16,7 @@ from brisklm.vision.vlm import LoadedVLM, embed_multimodal
 @torch.no_grad()
 def evaluate_method(loaded: LoadedVLM, examples: Sequence[Example], spec: PruneSpec, batch_size: int = 64,
                     progress=None) -> dict[str, Any]:
-    """Accuracy of greedy first words under `spec`, with T_eq, the analytic FLOPs ratio and VisiPruner stages.
+    """Accuracy of greedy first answer tokens under `spec`, with T_eq, the analytic FLOPs ratio and VisiPruner stages.
 
     FLOPs convention: LM prefill only, per layer 4nd^2 + 2n^2d + 3ndm MACs with each sample's real n_l
     (SparseVLM's count), summed over layers and samples, divided by the same sum for the dense prompt.
@@ -30,8 +30,8 @@ def evaluate_method(loaded: LoadedVLM, examples: Sequence[Example], spec: PruneS
         chunk = examples[start:start + batch_size]
         batch = processor([e.meta["image"] for e in chunk], [e.prompt for e in chunk])
         logits, record = prune_prefill(model, batch, spec)
-        words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-        correct += [w == e.answer for w, e in zip(words, chunk)]
+        predicted = logits.argmax(-1).tolist()  # the answer's first token (the whole word on the zoo tokenizer)
+        correct += [p == processor.answer_ids(e.answer)[0] for p, e in zip(predicted, chunk)]
         ratios.append(flops_ratio(record, adapter, batch.attention_mask.sum(dim=1)))
         teq.append(record.equivalent_tokens())
         weights.append(len(chunk))

@@ -1,8 +1,9 @@
 """A tiny LLaVA (HF `LlavaForConditionalGeneration`: CLIP-style tower, MLP projector, Llama LM) and its inputs.
 
-Our word-level tokenizer expands one `<image>` into as many image tokens as the vision tower produces. Every
-method reads where the image tokens are (and how many) from `input_ids`, never from constants, so any LLaVA
-checkpoint with a supported text model works.
+`VLMProcessor` is the zoo's word format: one `<image>` expanded into as many image tokens as the vision tower
+produces, pixels in [0, 1]. A checkpoint with its own processor goes through `vision.processor.CheckpointProcessor`
+instead (same interface; `load_vlm` picks). Every method reads where the image tokens are (and how many) from
+`input_ids`, never from constants, so any LLaVA checkpoint with a supported text model works.
 """
 
 from __future__ import annotations
@@ -113,10 +114,10 @@ class VLMProcessor:
             raise BriskError(f"the tokenizer's {IMAGE_TOKEN} id differs from the model's image_token_id "
                              f"{self.image_token_id}; use the tokenizer saved with this model")
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """Token ids of one prompt with the image placeholder expanded."""
+    def prompt_ids(self, question: str, num_images: int = 1) -> list[int]:
+        """Token ids of one prompt with the image placeholder expanded (`num_images` images in a row)."""
         text = as_text_layer(self.tokenizer)  # [bos] system, the images, the question, then the plain separator
-        return [*text.text_ids(" ".join(SYSTEM_WORDS)), *([self.image_token_id] * self.tokens_per_image),
+        return [*text.text_ids(" ".join(SYSTEM_WORDS)), *([self.image_token_id] * self.tokens_per_image * num_images),
                 *text.encode(question), *text.separator_ids]
 
     def answer_ids(self, answer: str) -> list[int]:
@@ -125,11 +126,32 @@ class VLMProcessor:
         return [*text.encode(answer), text.roles.eos_id]
 
     def __call__(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> VLMBatch:
-        """Left-padded batch (the last column is every prompt's last token), positions counting real tokens."""
+        """Left-padded batch (the last column is every prompt's last token), positions counting real tokens.
+
+        `images[i]` is row i's image, or a list of images (their image tokens follow one another)."""
         if len(images) != len(questions):
             raise BriskError(f"got {len(images)} images but {len(questions)} questions; pass one image per question")
-        rows = [self.prompt_ids(q) for q in questions]
-        return self.pad(rows, torch.stack([image_to_pixels(im, self.image_size) for im in images]).to(self.device))
+        per_row = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        rows = [self.prompt_ids(q, len(ims)) for q, ims in zip(questions, per_row)]
+        pixels = [self.pixels(im) for ims in per_row for im in ims]
+        return self.pad(rows, torch.stack(pixels).to(self.device))
+
+    def pixels(self, image: np.ndarray) -> torch.Tensor:
+        """One image as the zoo feeds it: (3, S, S) in [0, 1] (see `image_to_pixels`)."""
+        return image_to_pixels(np.asarray(image), self.image_size)
+
+    @property
+    def text(self):
+        """The tokenizer's text layer (roles, decoding)."""
+        return as_text_layer(self.tokenizer)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """An answer's text (ids up to the first eos)."""
+        text = self.text
+        return text.decode(text.cut_at_eos(ids)[0]).strip()
+
+    def save_pretrained(self, out) -> None:
+        self.tokenizer.save_pretrained(out)
 
     def pad(self, rows: list[list[int]], pixel_values: torch.Tensor) -> VLMBatch:
         length = max(len(r) for r in rows)
@@ -153,7 +175,7 @@ def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Ten
     """Projector outputs (num_images, tokens, D) of the model's own vision tower and projector."""
     config = model.config
     out = model.model.get_image_features(
-        pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+        pixel_values=pixel_values.to(model.dtype), vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy, output_hidden_states=True,
     )
     feats = out.pooler_output
@@ -193,27 +215,34 @@ class LoadedVLM:
     """A LLaVA model in eval mode with its processor and where it came from."""
 
     model: LlavaForConditionalGeneration
-    processor: VLMProcessor
+    processor: "VLMProcessor | CheckpointProcessor"  # noqa: F821 (vision.processor imports this module)
     path: Path
     quality: dict | None
 
 
-def load_vlm(name_or_path: str, seed: int = 0, device: str = "auto", dtype: str = "auto") -> LoadedVLM:
-    """Load a LLaVA checkpoint folder or a vision zoo name (trained on first use) on `device` in `dtype`."""
+def load_vlm(name_or_path: str, seed: int = 0, device: str = "auto", dtype: str = "auto",
+             chat_template: bool = True, system_prompt: str | None = None) -> LoadedVLM:
+    """Load a LLaVA checkpoint folder or a vision zoo name (trained on first use) on `device` in `dtype`, with
+    its own processor when the folder has one (else the zoo's word-format `VLMProcessor`)."""
     from brisklm.core.device import model_device, resolve_device
     from brisklm.zoo.store import check_eos, load_tokenizer, place, read_quality, resolve
 
     resolve_device(device)  # a missing device fails before any training or loading
+    from brisklm.vision.processor import check_image_size, has_processor, load_processor
+
     path = resolve(name_or_path, seed)
+    if not has_processor(path):
+        check_image_size(path)  # before loading: a tower without its image size does not load as saved
     try:
         model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, RuntimeError) as error:
         raise BriskError(f"cannot load {path} as a LLaVA model: {str(error).splitlines()[0]}") from None
     tokenizer = load_tokenizer(path)
     check_eos(model, tokenizer, path)
     model = place(model, path, device, dtype)
     model.eval()
-    return LoadedVLM(model, VLMProcessor(tokenizer, model.config, model_device(model)), path, read_quality(path))
+    processor = load_processor(path, model, tokenizer, model_device(model), chat_template, system_prompt)
+    return LoadedVLM(model, processor, path, read_quality(path))
 
 
 def new_tiny_llava(tokenizer: PreTrainedTokenizerFast, seed: int, **config_kw) -> LlavaForConditionalGeneration:

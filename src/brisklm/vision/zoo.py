@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from brisklm.tasks import get_task
 from brisklm.tasks.base import Example
-from brisklm.vision.vlm import VLMProcessor, build_vlm_tokenizer, image_to_pixels, new_tiny_llava, prefill_logits
+from brisklm.vision.vlm import VLMProcessor, build_vlm_tokenizer, new_tiny_llava, prefill_logits
 from brisklm.zoo.architecture import count_parameters
 from brisklm.zoo.registry import ZooRecipe, register
 from brisklm.zoo.textlm import IGNORE, TrainOptions, training_arguments
@@ -38,11 +38,12 @@ def caption_example(example: Example) -> Example:
 
 
 def encode_vqa(processor: VLMProcessor, example: Example) -> dict[str, Any]:
-    """input_ids, labels (answer + <eos> only) and pixel values of one ShapesVQA example."""
+    """input_ids, labels (answer + its end token only) and pixel values of one ShapesVQA example (through the
+    zoo's VLMProcessor or a checkpoint's own processor)."""
     head = processor.prompt_ids(example.prompt)
     tail = processor.answer_ids(example.completion)
     return {"input_ids": head + tail, "labels": [IGNORE] * len(head) + tail,
-            "pixel_values": image_to_pixels(example.meta["image"], processor.image_size)}
+            "pixel_values": processor.pixels(example.meta["image"])}
 
 
 class VQACollator:
@@ -79,7 +80,7 @@ def train_vqa(model, trainer_cls: type[Trainer], features: list[dict], options: 
 @torch.no_grad()
 def answer_accuracy(model, processor: VLMProcessor, examples: Sequence[Example], plan_fn=None,
                     batch_size: int = 64) -> dict[str, Any]:
-    """Greedy first-word accuracy (answers are one word), overall and per question family.
+    """Greedy first-token accuracy (answers are one word: one token on the zoo tokenizer), overall and per family.
 
     plan_fn(batch) -> (logits (B, V)) lets a method run its own forward; None = dense executor forward.
     """
@@ -88,8 +89,8 @@ def answer_accuracy(model, processor: VLMProcessor, examples: Sequence[Example],
         chunk = examples[start:start + batch_size]
         batch = processor([e.meta["image"] for e in chunk], [e.prompt for e in chunk])
         logits = prefill_logits(model, batch) if plan_fn is None else plan_fn(batch)
-        words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-        correct += [w == e.answer for w, e in zip(words, chunk)]
+        predicted = logits.argmax(-1).tolist()  # the answer's first token (the whole word on the zoo tokenizer)
+        correct += [p == processor.answer_ids(e.answer)[0] for p, e in zip(predicted, chunk)]
     out: dict[str, Any] = {"accuracy": sum(correct) / max(len(correct), 1)}
     families = sorted({e.meta["family"] for e in examples})
     for fam in families:
@@ -216,7 +217,8 @@ def calibration_batches(processor: VLMProcessor, examples: Sequence[Example], ba
 
 
 def train_vica_model(base: str, out_dir: Path, seed: int, num_layers: int | None, steps: int, lr: float,
-                     batch_size: int = 32, layers: Sequence[int] | None = None, n_calib: int = 256) -> dict[str, Any]:
+                     batch_size: int = 32, layers: Sequence[int] | None = None, n_calib: int = 256,
+                     n_test: int = 400) -> dict[str, Any]:
     """Fine-tune a dense LLaVA into ViCA: pick layers by leave-one-layer-out importance, train the ViCA path."""
     from brisklm.vision.vica import layer_importance, select_layers, visual_compute_fraction
     from brisklm.vision.vlm import load_vlm
@@ -230,7 +232,7 @@ def train_vica_model(base: str, out_dir: Path, seed: int, num_layers: int | None
         importance = layer_importance(model, *calibration_batches(processor, calib))
         layers = select_layers(importance, num_layers or max(1, model.config.text_config.num_hidden_layers // 4))
     layers = tuple(sorted(int(x) for x in layers))
-    test = task.examples("test", 400, seed=seed)
+    test = task.examples("test", n_test, seed=seed)
     training_free = vica_accuracy(model, processor, test, layers)["accuracy"]
     train = task.examples("train", steps * batch_size, seed=seed + 1)
     features = [encode_vqa(processor, e) for e in train]
@@ -239,7 +241,7 @@ def train_vica_model(base: str, out_dir: Path, seed: int, num_layers: int | None
     stats = train_vqa(model, ViCATrainer, features, options, processor.tokenizer.pad_token_id, vica_layers=layers)
     model.config.vica_layers = list(layers)
     model.save_pretrained(out_dir)
-    processor.tokenizer.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)  # the tokenizer, or the checkpoint's whole processor
     quality = vica_accuracy(model, processor, test, layers)
     return {**quality, "vica_layers": list(layers), "layer_importance": importance,
             "training_free_accuracy": training_free, "base": base,

@@ -50,9 +50,9 @@ def cmd_fixture(args: argparse.Namespace) -> int:
     """Write a random-weight checkpoint that follows a real family's conventions (for trying commands offline)."""
     from pathlib import Path
 
-    from brisklm.testing.checkpoints import FIXTURE_STYLES, build_checkpoint
+    from brisklm.testing.checkpoints import FIXTURE_STYLES, VISION_FIXTURE_STYLES, build_checkpoint
 
-    styles = list(FIXTURE_STYLES) if args.style == "all" else [args.style]
+    styles = [*FIXTURE_STYLES, *VISION_FIXTURE_STYLES] if args.style == "all" else [args.style]
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise BriskError(f"{out} exists and is not empty; choose another --out or pass --force")
@@ -77,11 +77,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="retrain even if a trained copy exists")
     add_device_args(p, training=True)
     p.set_defaults(func=cmd_train)
-    from brisklm.testing.checkpoints import FIXTURE_STYLES
+    from brisklm.testing.checkpoints import FIXTURE_STYLES, VISION_FIXTURE_STYLES
 
     p = sub.add_parser("fixture", help="write a random-weight checkpoint in a real family's conventions "
                                        "(subword tokenizer, chat template, roles); nothing is downloaded")
-    p.add_argument("--style", required=True, choices=[*FIXTURE_STYLES, "all"],
+    p.add_argument("--style", required=True, choices=[*FIXTURE_STYLES, *VISION_FIXTURE_STYLES, "all"],
                    help="which real family's conventions to follow ('all': one sub-folder per style)")
     p.add_argument("--out", required=True, help="folder to write (model, tokenizer, generation_config)")
     p.add_argument("--seed", type=int, default=0)
