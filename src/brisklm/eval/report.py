@@ -14,18 +14,6 @@ from typing import Any, Callable, Mapping, Sequence
 from brisklm.eval.flatten import format_value
 from brisklm.eval.progress import progress as _default_progress
 
-# Area name -> module with `demo_sections(ctx: DemoContext) -> list[Section]`; absent modules are skipped.
-DEMO_MODULES: dict[str, str] = {
-    "zoo": "brisklm.zoo.demo",
-    "streaming": "brisklm.streaming.demo",
-    "proactive": "brisklm.streaming.proactive.demo",
-    "thinker": "brisklm.streaming.thinker.demo",
-    "pruning": "brisklm.pruning.demo",
-    "vision": "brisklm.vision.demo",
-    "reasoning": "brisklm.reasoning.demo",
-    "analysis": "brisklm.analysis.demo",
-    "serve": "brisklm.serve.demo",
-}
 
 
 @dataclass
@@ -132,20 +120,11 @@ def write_report(sections: Sequence[Section], out_dir: Path) -> Path:
     return path
 
 
-def _import_demo(module_name: str) -> Any | None:
-    """Import a demo module, or None if that module (or its package) does not exist yet."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        missing = error.name or ""
-        if module_name == missing or module_name.startswith(missing + "."):
-            return None
-        raise
-
-
 def collect_demo_sections(ctx: DemoContext) -> list[Section]:
-    """Run every existing demo module's demo_sections(ctx) in DEMO_MODULES order and concatenate."""
-    modules = [m for m in (_import_demo(name) for name in DEMO_MODULES.values()) if m is not None]
+    """Run every declared demo module's demo_sections(ctx), in area order, and concatenate."""
+    from brisklm.areas import demo_modules
+
+    modules = [importlib.import_module(name) for name in demo_modules()]
     sections: list[Section] = []
     for module in ctx.progress(modules, desc="demo sections", total=len(modules)):
         sections.extend(module.demo_sections(ctx))
