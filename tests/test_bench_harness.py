@@ -166,3 +166,19 @@ def test_collect_demo_sections_does_not_skip_a_missing_module(tmp_path: Path, mo
     monkeypatch.setattr(areas_module, "demo_modules", lambda: ["brisklm.nothing_here.demo"])
     with pytest.raises(ModuleNotFoundError):
         collect_demo_sections(DemoContext(out_dir=tmp_path, progress=quiet_progress))
+
+
+def test_report_front_table_and_summary(tmp_path: Path) -> None:
+    from brisklm.eval.report import MethodRow, method_rows, summary_lines
+
+    sections = [Section("A", "<p>a</p>", [MethodRow("fast", "m1", "accuracy 0.98 of dense", 2.5, "HF forward")]),
+                Section("B", "<p>b</p>", [MethodRow("slow", "m2", "BLEU 30 vs 31", None, "dense", "brisk bench b")]),
+                Section("C", "<p>c</p>")]
+    rows = method_rows(sections)
+    assert [r["method"] for r in rows] == ["fast", "slow"]
+    assert rows[0]["speed-up"] == "2.50x" and rows[1]["speed-up"] == "—" and rows[1]["speed measured by"] == "brisk bench b"
+    text = write_report(sections, tmp_path).read_text()
+    assert text.index('id="methods"') < text.index("<nav>") < text.index('id="s1-a"')
+    lines = summary_lines(sections, tmp_path / "index.html")
+    assert len(lines) == 3 and "2 methods" in lines[1] and "1 timed" in lines[1] and "fast 2.50x against HF forward" in lines[2]
+    assert "Methods at a glance" not in write_report(sections[2:], tmp_path / "none").read_text()
