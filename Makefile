@@ -4,18 +4,24 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test docs bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,eval]'
+	$(BIN)/pip install --quiet -e '.[test,eval,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Ends with the report's path and a three-line summary, then checks the report in headless Chromium.
 demo: $(STAMP)
 	$(BIN)/brisk demo
+	BRISK_REPORT=report/index.html $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_report_browser.py
+
+# The documentation site (MkDocs Material + mkdocstrings); warnings are errors, so a renamed function fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # Prints the set-up time (venv + install; ~0 s when done) and the test time (zoo training on first use included).
 test:
@@ -31,4 +37,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) report build src/*.egg-info
+	rm -rf $(VENV) report build site src/*.egg-info

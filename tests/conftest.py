@@ -1,33 +1,13 @@
 """Shared fixtures: tiny random models of every supported family (no downloads)."""
 
+import os
+
 import pytest
 import torch
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
-    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
-    "phi3": (Phi3Config, Phi3ForCausalLM),
-}
+from brisklm.core.families import FAMILY_CLASSES, family_classes
+
+FAMILIES = {family: family_classes(family) for family in FAMILY_CLASSES}
 
 
 def family_config_kwargs(family: str, layers: int) -> dict:
@@ -108,6 +88,27 @@ def llama_model():
     return tiny_model("llama")
 
 
+@pytest.fixture
+def chromium() -> str:
+    """Debian's headless Chromium for Playwright (never a downloaded browser). In CI (CI=true) a missing browser
+    fails the test, elsewhere it skips with the install line."""
+    import shutil
+
+    wanted = os.environ.get("BRISK_CHROMIUM", "/usr/bin/chromium")
+    found = wanted if os.path.exists(wanted) else shutil.which("chromium")
+    missing = None if found else (f"chromium not found at {wanted}: install it with `apt-get install chromium` "
+                                  "(or set BRISK_CHROMIUM)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing = "the playwright Python package is missing: pip install playwright (no browser download needed)"
+    if missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return found
+
+
 @pytest.fixture(scope="session")
 def fixture_checkpoints(tmp_path_factory):
     """`checkpoint_path(style)`: a real-convention random-weight checkpoint folder, built once per test session."""
@@ -125,8 +126,6 @@ def fixture_checkpoints(tmp_path_factory):
 
 
 # The CPU suite runs on the CPU on any machine ("auto" would pick a GPU); `gpu` tests pass their device explicitly.
-import os  # noqa: E402
-
 os.environ.setdefault("BRISK_DEVICE", "cpu")
 
 

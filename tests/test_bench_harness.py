@@ -92,15 +92,21 @@ def test_unknown_area_names_available(dummy_area) -> None:
         run_benchmark("no_such_area", quick=True, out=None, save_results=False)
 
 
-def test_unimplemented_area(dummy_area, monkeypatch) -> None:
-    monkeypatch.setitem(bench.AREA_MODULES, "ghost", "brisklm.ghost_pkg.bench")
-    with pytest.raises(BriskError, match="'ghost' is not implemented yet; available: .*" + DUMMY):
+def test_declared_benchmark_resolves_lazily(monkeypatch) -> None:
+    import brisklm.areas as areas_module
+
+    monkeypatch.setattr(areas_module, "benchmark_entries", lambda: {"ghost": "brisklm.eval.timing_ghost:run"})
+    with pytest.raises(ModuleNotFoundError):  # a declared module that does not exist is an error, never skipped
         run_benchmark("ghost", quick=True, out=None, save_results=False)
+    monkeypatch.setattr(areas_module, "benchmark_entries", lambda: {"fmt": "brisklm.eval.cli:format_figures"})
+    from brisklm.eval.cli import format_figures
+
+    assert bench.get_benchmark("fmt") is format_figures
 
 
 def test_all_runs_every_available_area(tmp_path: Path, dummy_area, monkeypatch) -> None:
     # Only the dummy area: real areas (imported by other test files into the registry) are slow.
-    monkeypatch.setattr(bench, "AREA_MODULES", {})
+    monkeypatch.setattr(bench, "_declared", dict)
     monkeypatch.setattr(bench, "_REGISTRY", {DUMMY: bench._REGISTRY[DUMMY]})
     result = run_benchmark("all", quick=True, out=tmp_path / "all.json", results_dir=tmp_path / "results", progress=quiet_progress)
     assert list(result["areas"]) == [DUMMY]
@@ -138,28 +144,41 @@ def test_report_writes_table_and_figure(tmp_path: Path) -> None:
     assert 'href="#s1-results-more"' in text
 
 
-def test_collect_demo_sections_skips_absent(tmp_path: Path, monkeypatch) -> None:
+def test_collect_demo_sections_runs_declared_modules_in_order(tmp_path: Path, monkeypatch) -> None:
     import sys
     import types
 
-    from brisklm.eval import report
+    import brisklm.areas as areas_module
 
-    fake = types.ModuleType("brisklm_fake_demo")
-    fake.demo_sections = lambda ctx: [Section("fake", f"<p>{ctx.seed}</p>")]
-    monkeypatch.setitem(sys.modules, "brisklm_fake_demo", fake)
-    monkeypatch.setattr(report, "DEMO_MODULES", {"absent": "brisklm.nothing_here.demo", "fake": "brisklm_fake_demo"})
+    for name in ("brisklm_fake_demo_a", "brisklm_fake_demo_b"):
+        fake = types.ModuleType(name)
+        fake.demo_sections = lambda ctx, name=name: [Section(name, f"<p>{ctx.seed}</p>")]
+        monkeypatch.setitem(sys.modules, name, fake)
+    monkeypatch.setattr(areas_module, "demo_modules", lambda: ["brisklm_fake_demo_b", "brisklm_fake_demo_a"])
     sections = collect_demo_sections(DemoContext(out_dir=tmp_path, quick=True, seed=4, progress=quiet_progress))
-    assert [s.title for s in sections] == ["fake"] and sections[0].html == "<p>4</p>"
+    assert [s.title for s in sections] == ["brisklm_fake_demo_b", "brisklm_fake_demo_a"]
+    assert sections[0].html == "<p>4</p>"
 
 
-def test_collect_demo_sections_propagates_inner_import_error(tmp_path: Path, monkeypatch) -> None:
-    from brisklm.eval import report
+def test_collect_demo_sections_does_not_skip_a_missing_module(tmp_path: Path, monkeypatch) -> None:
+    import brisklm.areas as areas_module
 
-    pkg = tmp_path / "brokendemo_pkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "demo.py").write_text("import brisklm_missing_dependency_xyz\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(report, "DEMO_MODULES", {"broken": "brokendemo_pkg.demo"})
+    monkeypatch.setattr(areas_module, "demo_modules", lambda: ["brisklm.nothing_here.demo"])
     with pytest.raises(ModuleNotFoundError):
         collect_demo_sections(DemoContext(out_dir=tmp_path, progress=quiet_progress))
+
+
+def test_report_front_table_and_summary(tmp_path: Path) -> None:
+    from brisklm.eval.report import MethodRow, method_rows, summary_lines
+
+    sections = [Section("A", "<p>a</p>", [MethodRow("fast", "m1", "accuracy 0.98 of dense", 2.5, "HF forward")]),
+                Section("B", "<p>b</p>", [MethodRow("slow", "m2", "BLEU 30 vs 31", None, "dense", "brisk bench b")]),
+                Section("C", "<p>c</p>")]
+    rows = method_rows(sections)
+    assert [r["method"] for r in rows] == ["fast", "slow"]
+    assert rows[0]["speed-up"] == "2.50x" and rows[1]["speed-up"] == "—" and rows[1]["speed measured by"] == "brisk bench b"
+    text = write_report(sections, tmp_path).read_text()
+    assert text.index('id="methods"') < text.index("<nav>") < text.index('id="s1-a"')
+    lines = summary_lines(sections, tmp_path / "index.html")
+    assert len(lines) == 3 and "2 methods" in lines[1] and "1 timed" in lines[1] and "fast 2.50x against HF forward" in lines[2]
+    assert "Methods at a glance" not in write_report(sections[2:], tmp_path / "none").read_text()

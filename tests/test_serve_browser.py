@@ -1,7 +1,6 @@
 """The demo page in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright; never downloads a browser)."""
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,28 +11,8 @@ from brisklm.serve.server import BackgroundServer
 from brisklm.streaming.policies import gpe_wait_k
 from brisklm.tasks import get_task
 
-CHROMIUM = os.environ.get("BRISK_CHROMIUM", "/usr/bin/chromium")
-
-
-def chromium_or_skip() -> str:
-    """The browser binary; in CI (CI=true) a missing browser is a failure, elsewhere a skip."""
-    found = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
-    missing = None
-    if not found:
-        missing = f"chromium not found at {CHROMIUM}: install it with `apt-get install chromium` (or set BRISK_CHROMIUM)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing = "the playwright Python package is missing: pip install playwright (no browser download needed)"
-    if missing:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(missing)
-        pytest.skip(missing)
-    return found
-
-
-def test_page_streams_words_and_shows_latency(tmp_path):
-    executable = chromium_or_skip()
+def test_page_streams_words_and_shows_latency(tmp_path, chromium):
+    executable = chromium
     from playwright.sync_api import sync_playwright
     from brisklm.zoo.store import load
 

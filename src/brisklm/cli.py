@@ -7,37 +7,19 @@ import importlib
 import sys
 from typing import Sequence
 
+from brisklm.areas import command_modules
 from brisklm.errors import BriskError
 
-# Each module defines `add_commands(subparsers)`; a command's parser sets `func=callable(args) -> int|None`.
-COMMAND_MODULES = [
-    "brisklm.zoo.cli",
-    "brisklm.eval.cli",
-    "brisklm.streaming.cli",
-    "brisklm.analysis.cli",
-    "brisklm.pruning.cli",
-    "brisklm.reasoning.cli",
-    "brisklm.streaming.thinker.cli",
-    "brisklm.vision.cli",
-    "brisklm.serve.cli",
-    "brisklm.inspect_cli",
-    "brisklm.generate_cli",
-]
+# Every area declares its command modules in its `area.py` (see brisklm.areas); each module defines
+# `add_commands(subparsers)` and a command's parser sets `func=callable(args) -> int|None`.
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the full `brisk` argument parser from every area's command module."""
     parser = argparse.ArgumentParser(prog="brisk", description="Efficient LLM methods on Hugging Face models.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            missing = error.name or ""
-            if module_name == missing or module_name.startswith(missing + "."):
-                continue  # an area whose command module does not exist yet
-            raise
-        module.add_commands(subparsers)
+    for module_name in command_modules():  # a missing module is an ImportError: no area is skipped silently
+        importlib.import_module(module_name).add_commands(subparsers)
     return parser
 
 

@@ -31,10 +31,10 @@ def load_any(name_or_path: str, device: str = "auto", dtype: str = "auto"):
 
 def command_support(report) -> dict[str, str | None]:
     """Every declared command's verdict on this checkpoint, from each area's CHECKPOINT_SUPPORT."""
-    from brisklm.cli import COMMAND_MODULES
+    from brisklm.areas import command_modules
 
     verdicts: dict[str, str | None] = {}
-    for name in COMMAND_MODULES:
+    for name in command_modules():
         module = importlib.import_module(name)
         for command, rule in getattr(module, "CHECKPOINT_SUPPORT", {}).items():
             verdicts[command] = rule(report)

@@ -9,7 +9,7 @@ import torch
 from brisklm.analysis.icl import ARBITRARY, RECOGNISABLE, analyse_batch, encode_icl, pir_for_task, run_icl_experiment
 from brisklm.analysis.pir import MODES
 from brisklm.core.timing import time_many
-from brisklm.eval.bench import BenchContext, register
+from brisklm.eval.bench import BenchContext
 from brisklm.tasks.icl import IclTask
 
 MODEL = "icl-lm"
@@ -41,7 +41,6 @@ def time_batched_vs_single(model, tokenizer, n: int, repeats: int, seed: int) ->
     return {"prompts": n, "batched_s": batched, "one_by_one_s": single, "speedup": single / batched}
 
 
-@register("analysis")
 @torch.no_grad()
 def bench_analysis(ctx: BenchContext) -> dict:
     """Run the coordinate-system experiment and PIR per task on the icl-lm zoo model; time batching."""

@@ -4,50 +4,38 @@ a cache; sliding windows under a custom rule; bf16 against fp32; the executor's 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    DynamicCache,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import DynamicCache
 
 from brisklm.core.executor import execute
+from brisklm.core.families import family_classes
 from brisklm.core.plan import LayerStep, MatrixVisibility, Plan
 from brisklm.core.timing import time_many
-from brisklm.eval.bench import BenchContext, register
+
+if TYPE_CHECKING:  # the harness is a higher layer: only its type is named here
+    from brisklm.eval.bench import BenchContext
 
 VOCAB, LENGTH, WINDOW = 211, 64, 16
 _SLIDING = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)
 _GEMMA = dict(head_dim=32, sliding_window=WINDOW)
-FAMILY_MODELS = {  # family -> (config class, model class, settings: windows shorter than the sequence)
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, _SLIDING),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, _SLIDING),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=WINDOW)),
-    "gemma2": (Gemma2Config, Gemma2ForCausalLM, _GEMMA),  # default soft-caps 50 / 30, alternating layers
-    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM,
-               dict(_GEMMA, layer_types=["sliding_attention", "full_attention"] * 2)),
-    "phi3": (Phi3Config, Phi3ForCausalLM, dict(sliding_window=WINDOW, pad_token_id=None, eos_token_id=2)),
+FAMILY_SETTINGS = {  # family -> config settings: windows shorter than the sequence
+    "llama": {},
+    "qwen2": _SLIDING,
+    "qwen3": _SLIDING,
+    "mistral": dict(sliding_window=WINDOW),
+    "gemma2": _GEMMA,  # default soft-caps 50 / 30, alternating layers
+    "gemma3": dict(_GEMMA, layer_types=["sliding_attention", "full_attention"] * 2),
+    "phi3": dict(sliding_window=WINDOW, pad_token_id=None, eos_token_id=2),
 }
 
 
 def _random_models(seed: int) -> dict:
     """One random fp32 model per family: d=128, 4 layers, 4 heads with 2 KV heads."""
     models = {}
-    for family, (config_cls, model_cls, extra) in FAMILY_MODELS.items():
+    for family, extra in FAMILY_SETTINGS.items():
+        config_cls, model_cls = family_classes(family)
         torch.manual_seed(seed)
         config = config_cls(vocab_size=VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, **extra)
@@ -59,7 +47,6 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-@register("core")
 @torch.no_grad()
 def bench_core(ctx: BenchContext) -> dict:
     """Max |logit diff| of a no-op plan vs model(...) per family, windows, bf16 vs fp32, and the overhead."""

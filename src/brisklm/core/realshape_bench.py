@@ -11,7 +11,7 @@ narrow, shallow, short form of the same layout so it finishes in seconds; the JS
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -19,7 +19,9 @@ from brisklm.core.device import DTYPE_ENV, resolve_device, resolve_dtype
 from brisklm.core.executor import execute
 from brisklm.core.plan import LayerStep, Plan
 from brisklm.core.timing import time_many
-from brisklm.eval.bench import BenchContext, register
+
+if TYPE_CHECKING:  # the harness is a higher layer: only its type is named here
+    from brisklm.eval.bench import BenchContext
 
 QWEN25_05B = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
                   num_hidden_layers=24, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
@@ -112,7 +114,6 @@ def dtypes_to_run(device: torch.device) -> list[torch.dtype]:
     return [resolve_dtype("float32", device), resolve_dtype("bfloat16", device)]
 
 
-@register("realshape")
 def bench_realshape(ctx: BenchContext) -> dict:
     """Executor no-op prefill and brisklm.generate vs HF on a Qwen2.5-0.5B-shaped random model."""
     device = resolve_device("auto")

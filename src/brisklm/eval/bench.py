@@ -1,6 +1,7 @@
 """Benchmark harness: areas register a figures function; `run_benchmark` runs it, adds metadata, saves JSON.
 
-An area module (listed in AREA_MODULES, imported lazily) registers its function with ``@register("area")``.
+Each area declares its benchmarks as ``name -> "module:function"`` (brisklm.areas); modules are imported on first
+use. ``register`` adds one at run time (tests, plug-ins).
 Results go to ``out`` and to ``benchmarks/results/<area>.json`` at the repository root, and
 ``benchmarks/BENCHMARKS.md`` is regenerated from all saved results.
 """
@@ -8,7 +9,6 @@ Results go to ``out`` and to ``benchmarks/results/<area>.json`` at the repositor
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import json
 import os
 import platform
@@ -25,7 +25,6 @@ from brisklm.eval.benchmarks_md import write_benchmarks_md
 from brisklm.eval.progress import progress as _default_progress
 
 __all__ = [
-    "AREA_MODULES",
     "BenchContext",
     "available_areas",
     "default_results_dir",
@@ -37,20 +36,6 @@ __all__ = [
     "run_benchmark",
     "write_benchmarks_md",
 ]
-
-AREA_MODULES: dict[str, str] = {
-    "core": "brisklm.core.bench",
-    "realshape": "brisklm.core.realshape_bench",
-    "streaming": "brisklm.streaming.bench",
-    "proactive": "brisklm.streaming.proactive.bench",
-    "thinker": "brisklm.streaming.thinker.bench",
-    "pruning": "brisklm.pruning.bench",
-    "vision": "brisklm.vision.bench",
-    "reasoning": "brisklm.reasoning.bench",
-    "analysis": "brisklm.analysis.bench",
-    "serve": "brisklm.serve.bench",
-}
-
 
 @dataclass
 class BenchContext:
@@ -83,44 +68,28 @@ def unregister(area: str) -> None:
     _REGISTRY.pop(area, None)
 
 
-def _is_absent(error: ModuleNotFoundError, module_name: str) -> bool:
-    """True when the missing module is `module_name` itself or one of its parent packages."""
-    missing = error.name or ""
-    return module_name == missing or module_name.startswith(missing + ".")
+def _declared() -> dict[str, str]:
+    from brisklm.areas import benchmark_entries
 
-
-def _import_area(area: str) -> bool:
-    """Import the area's module so it registers itself; False if that module does not exist yet."""
-    module_name = AREA_MODULES[area]
-    try:
-        importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if _is_absent(error, module_name):
-            return False
-        raise
-    return True
+    return benchmark_entries()
 
 
 def available_areas() -> list[str]:
-    """Areas that can run now: AREA_MODULES whose modules import, plus any registered directly."""
-    for area in AREA_MODULES:
-        if area not in _REGISTRY:
-            _import_area(area)
-    known = [area for area in AREA_MODULES if area in _REGISTRY]
-    return known + sorted(area for area in _REGISTRY if area not in AREA_MODULES)
+    """Every benchmark name: the declared ones in area order, then any registered at run time."""
+    declared = list(_declared())
+    return declared + sorted(name for name in _REGISTRY if name not in declared)
 
 
 def get_benchmark(area: str) -> BenchFn:
-    """Return the registered function of `area`, importing its module on first use."""
-    if area not in _REGISTRY and area in AREA_MODULES:
-        if _import_area(area) and area not in _REGISTRY:
-            raise RuntimeError(f"{AREA_MODULES[area]} imported but did not @register('{area}')")
+    """The function of benchmark `area`: registered at run time, or imported from its declaration."""
     if area in _REGISTRY:
         return _REGISTRY[area]
-    available = ", ".join(available_areas()) or "none"
-    if area in AREA_MODULES:
-        raise BriskError(f"benchmark area '{area}' is not implemented yet; available: {available}")
-    raise BriskError(f"unknown benchmark area '{area}'; available: {available} (or 'all')")
+    declared = _declared()
+    if area not in declared:
+        raise BriskError(f"unknown benchmark area '{area}'; available: {', '.join(available_areas())} (or 'all')")
+    from brisklm.areas import resolve
+
+    return resolve(declared[area])
 
 
 def find_repo_root(start: Path | None = None) -> Path | None:

@@ -54,13 +54,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Run `brisk demo`: collect every area's demo sections and write the HTML report."""
-    from brisklm.eval.report import DemoContext, collect_demo_sections, write_report
+    from brisklm.eval.report import DemoContext, collect_demo_sections, summary_lines, write_report
 
     _use_agg()
     ctx = DemoContext(out_dir=args.out_dir, quick=args.quick, seed=args.seed)
     sections = collect_demo_sections(ctx)
     path = write_report(sections, args.out_dir)
-    print(f"report: {path}  ({len(sections)} sections)")
+    print("\n".join(summary_lines(sections, path)))
     return 0
 
 

@@ -14,26 +14,31 @@ from typing import Any, Callable, Mapping, Sequence
 from brisklm.eval.flatten import format_value
 from brisklm.eval.progress import progress as _default_progress
 
-# Area name -> module with `demo_sections(ctx: DemoContext) -> list[Section]`; absent modules are skipped.
-DEMO_MODULES: dict[str, str] = {
-    "zoo": "brisklm.zoo.demo",
-    "streaming": "brisklm.streaming.demo",
-    "proactive": "brisklm.streaming.proactive.demo",
-    "thinker": "brisklm.streaming.thinker.demo",
-    "pruning": "brisklm.pruning.demo",
-    "vision": "brisklm.vision.demo",
-    "reasoning": "brisklm.reasoning.demo",
-    "analysis": "brisklm.analysis.demo",
-    "serve": "brisklm.serve.demo",
-}
+
+
+@dataclass
+class MethodRow:
+    """One line of the report's front table: what a method kept and what it saved, measured in this run.
+
+    `speedup` is None where the demo does not time the method; `speed_source` then names the benchmark that does."""
+
+    method: str
+    model: str
+    quality_kept: str  # e.g. "accuracy 0.97 of dense" or "BLEU 41.2 vs 43.0 offline"
+    speedup: float | None
+    baseline: str  # what the speed-up (or the quality) is measured against
+    speed_source: str = "this run"
 
 
 @dataclass
 class Section:
-    """One titled block of the report; `html` is trusted markup built with table_html/figure_html."""
+    """One titled block of the report; `html` is trusted markup built with table_html/figure_html.
+
+    `methods` are the section's rows of the front table."""
 
     title: str
     html: str
+    methods: list[MethodRow] = field(default_factory=list)
 
 
 @dataclass
@@ -102,6 +107,34 @@ img { max-width: 100%; margin: 1rem 0; }
 """.strip()
 
 
+def method_rows(sections: Sequence[Section]) -> list[dict[str, Any]]:
+    """The front table's rows: every section's methods, in report order."""
+    return [{"method": m.method, "quality kept": m.quality_kept,
+             "speed-up": "—" if m.speedup is None else f"{m.speedup:.2f}x",
+             "against": m.baseline, "speed measured by": m.speed_source, "model": m.model}
+            for section in sections for m in section.methods]
+
+
+def _front_table(sections: Sequence[Section]) -> str:
+    rows = method_rows(sections)
+    if not rows:
+        return ""
+    return f'<section id="methods"><h2>Methods at a glance</h2>\n{table_html(rows)}\n</section>\n'
+
+
+def summary_lines(sections: Sequence[Section], path: Path) -> list[str]:
+    """Three lines for the terminal at the end of `brisk demo`: where the report is, and what it holds."""
+    rows = [m for section in sections for m in section.methods]
+    timed = [m for m in rows if m.speedup is not None]
+    best = max(timed, key=lambda m: m.speedup) if timed else None
+    return [
+        f"report: {path}",
+        f"  {len(sections)} sections, {len(rows)} methods in the front table, {len(timed)} timed in this run",
+        (f"  largest measured speed-up: {best.method} {best.speedup:.2f}x against {best.baseline}" if best
+         else "  no method was timed in this run (see brisk bench AREA)"),
+    ]
+
+
 def render_report(sections: Sequence[Section], title: str = "brisklm demo report") -> str:
     """The full index.html text: CSS, generation time, table of contents and the sections."""
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -111,6 +144,7 @@ def render_report(sections: Sequence[Section], title: str = "brisklm demo report
     toc = "".join(
         f'<li><a href="#{a}">{html.escape(s.title)}</a></li>' for a, s in zip(anchors, sections)
     )
+    front = _front_table(sections)
     body = "\n".join(
         f'<section id="{a}"><h2>{html.escape(s.title)}</h2>\n{s.html}\n</section>'
         for a, s in zip(anchors, sections)
@@ -119,7 +153,7 @@ def render_report(sections: Sequence[Section], title: str = "brisklm demo report
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{html.escape(title)}</title>\n<style>\n{_CSS}\n</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p class=\"meta\">Generated {html.escape(generated)}</p>\n"
-        f"<nav><h2>Contents</h2><ul>{toc}</ul></nav>\n{body}\n</body>\n</html>\n"
+        f"{front}<nav><h2>Contents</h2><ul>{toc}</ul></nav>\n{body}\n</body>\n</html>\n"
     )
 
 
@@ -132,20 +166,11 @@ def write_report(sections: Sequence[Section], out_dir: Path) -> Path:
     return path
 
 
-def _import_demo(module_name: str) -> Any | None:
-    """Import a demo module, or None if that module (or its package) does not exist yet."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        missing = error.name or ""
-        if module_name == missing or module_name.startswith(missing + "."):
-            return None
-        raise
-
-
 def collect_demo_sections(ctx: DemoContext) -> list[Section]:
-    """Run every existing demo module's demo_sections(ctx) in DEMO_MODULES order and concatenate."""
-    modules = [m for m in (_import_demo(name) for name in DEMO_MODULES.values()) if m is not None]
+    """Run every declared demo module's demo_sections(ctx), in area order, and concatenate."""
+    from brisklm.areas import demo_modules
+
+    modules = [importlib.import_module(name) for name in demo_modules()]
     sections: list[Section] = []
     for module in ctx.progress(modules, desc="demo sections", total=len(modules)):
         sections.extend(module.demo_sections(ctx))

@@ -13,7 +13,7 @@ from brisklm.core.cache import KVCache
 from brisklm.core.executor import execute
 from brisklm.core.flops import FlopsCounter
 from brisklm.core.plan import LayerStep, Plan
-from brisklm.eval.bench import BenchContext, register
+from brisklm.eval.bench import BenchContext
 from brisklm.eval.report import new_figure
 from brisklm.pruning.calibration import CalibData, token_metrics
 from brisklm.pruning.gating import GatedRouting
@@ -166,7 +166,6 @@ def _plot_quality(study: dict, out_dir) -> None:
     fig.savefig(out_dir / "pruning_quality.png", bbox_inches="tight")
 
 
-@register("pruning")
 def bench_pruning(ctx: BenchContext) -> dict:
     """All pruning figures on the mixed-difficulty zoo model."""
     torch.manual_seed(ctx.seed)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from brisklm.eval.report import DemoContext, Section, figure_html, new_figure, table_html
+from brisklm.eval.report import DemoContext, MethodRow, Section, figure_html, new_figure, table_html
 from brisklm.pruning.bench import BASE_MODEL, kv_policy_figures
 from brisklm.pruning.study import run_study, study_data
 from brisklm.zoo.store import load
@@ -41,4 +41,9 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
     html = (intro + table_html(rows) + "<h3>SkipGPT skip rate by difficulty of the predicted word</h3>"
             + table_html(diff_rows) + figure_html(fig, ctx.out_dir, "pruning-skip-by-difficulty")
             + "<h3>KV policies for tokens that skip attention</h3>" + table_html(kv_rows))
-    return [Section("Pruning and dynamic computation", html)]
+    methods = [MethodRow(f"{name} (25% target)", BASE_MODEL,
+                         f"accuracy {r['accuracy_kept']:.2f} of dense" if r.get("accuracy_kept") is not None
+                         else f"perplexity {r['perplexity']:.2f} vs {study['dense']['perplexity']:.2f} dense",
+                         None, "dense model", "brisk bench pruning")
+               for name, r in study["methods"]["0.25"].items()]
+    return [Section("Pruning and dynamic computation", html, methods)]

@@ -10,7 +10,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from brisklm.eval.bench import BenchContext, register
+from brisklm.eval.bench import BenchContext
 from brisklm.eval.report import new_figure
 from brisklm.reasoning.curriculum import EntropyGatedCurriculum
 from brisklm.reasoning.distill import DistillConfig, distill, parse_kl
@@ -240,7 +240,6 @@ def accuracy_length_figure(opsft: dict[str, Any]):
     return fig
 
 
-@register("reasoning")
 def bench_reasoning(ctx: BenchContext) -> dict[str, Any]:
     """On-Policy SFT and decoupled distillation figures; plot accuracy against mean length."""
     start = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from brisklm.eval.report import DemoContext, Section, figure_html, table_html
+from brisklm.eval.report import DemoContext, MethodRow, Section, figure_html, table_html
 
 
 def demo_sections(ctx: DemoContext) -> list[Section]:
@@ -26,5 +26,12 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
               f"<code>{html.escape(ex['reference_verbose'])}</code><br>after On-Policy SFT (greedy): "
               f"<code>{html.escape(ex['after'])}</code></p>")
     fig = accuracy_length_figure(study)
+    before, after = study["greedy"]["before"], study["greedy"]["after"]
+    kept = after["accuracy"] / before["accuracy"] if before["accuracy"] else float("nan")
+    methods = [MethodRow("On-Policy SFT", "arith-cot",
+                         f"accuracy {after['accuracy']:.2f} vs {before['accuracy']:.2f} before ({kept:.2f} kept)",
+                         before["mean_length"] / after["mean_length"] if after["mean_length"] else None,
+                         "the model before On-Policy SFT (ratio of mean greedy completion lengths, in tokens)")]
     return [Section("Efficient reasoning (On-Policy SFT)",
-                    intro + figure_html(fig, ctx.out_dir, "reasoning-accuracy-length") + table_html(rows) + sample)]
+                    intro + figure_html(fig, ctx.out_dir, "reasoning-accuracy-length") + table_html(rows) + sample,
+                    methods)]

@@ -19,7 +19,7 @@ import time
 from typing import Any, Sequence
 
 from brisklm.errors import BriskError
-from brisklm.eval.bench import BenchContext, register
+from brisklm.eval.bench import BenchContext
 
 CONCURRENCY = (1, 10, 50)
 K = 3
@@ -148,7 +148,6 @@ def _figures(server: dict[str, Any], engine: dict[str, Any], n: int) -> dict[str
             "added_word_ms_p50": round(s50 - e50, 3), "added_word_ms_p99": round(s99 - e99, 3)}
 
 
-@register("serve")
 def bench(ctx: BenchContext) -> dict[str, Any]:
     import torch
 

@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 from brisklm.core.timing import one_torch_thread
-from brisklm.eval.report import DemoContext, Section, table_html
+from brisklm.eval.report import DemoContext, MethodRow, Section, table_html
 
 
 def demo_sections(ctx: DemoContext) -> list[Section]:
@@ -48,4 +48,7 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
              "Start it with <code>brisk serve --model translate-gpe --k 3</code> and open "
              "<code>http://127.0.0.1:8000/</code> for the live page.</p>")
     transcript = f"<p>Session 1 source: <code>{html.escape(' '.join(sources[0]))}</code></p>" + table_html(rows)
-    return [Section("Serving streams (brisk serve)", intro + table_html(summary) + transcript)]
+    methods = [MethodRow(f"brisk serve, {n} concurrent wait-3 sessions", "translate-gpe",
+                         f"{same}/{n} streams identical to offline GPE wait-3", None,
+                         "one session at a time", "brisk bench serve")]
+    return [Section("Serving streams (brisk serve)", intro + table_html(summary) + transcript, methods)]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from brisklm.core.timing import one_torch_thread
 from brisklm.core.timing import time_many
-from brisklm.eval.bench import BenchContext, register
+from brisklm.eval.bench import BenchContext
 from brisklm.eval.metrics import LatencyInstance, bleu, corpus_latency
 from brisklm.streaming.engine import reference_logits
 from brisklm.streaming.policies import DecodeResult, gpe_wait_k, interleaved_wait_k, offline, reencode_wait_k
@@ -191,7 +191,6 @@ def bleu_laal_figure(figures: dict[str, Any], out_dir: Path | None = None):
     return fig
 
 
-@register("streaming")
 def streaming_benchmark(ctx: BenchContext) -> dict[str, Any]:
     """All streaming figures: quality per method and k, cost of GPE vs re-encoding, engine exactness."""
     with one_torch_thread():

@@ -182,15 +182,9 @@ def _hf_tokenizer(style: _Style):
 
 def _model(style: _Style, vocab_size: int, ids: dict[str, int | list[int] | None]):
     """A tiny random model of the style's family with the given vocabulary and special-token ids."""
-    import transformers as tf
+    from brisklm.core.families import family_classes
 
-    classes = {
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM), "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
-        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
-    }
-    config_cls, model_cls = classes[style.family]
+    config_cls, model_cls = family_classes(style.family)
     config = config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                         tie_word_embeddings=False, **ids, **style.extra)

@@ -16,7 +16,7 @@ from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import KVCache
 from brisklm.core.generate import generate
 from brisklm.core.timing import median_seconds
-from brisklm.eval.bench import BenchContext, register
+from brisklm.eval.bench import BenchContext
 from brisklm.tasks import get_task
 from brisklm.tasks.base import Example
 from brisklm.vision.prune import PruneSpec, decode_plan_fn, prune_prefill
@@ -166,7 +166,6 @@ def blank_image(example: Example) -> Example:
                    {**example.meta, "image": np.zeros_like(example.meta["image"])})
 
 
-@register("vision")
 def bench(ctx: BenchContext) -> dict:
     """Pruning sweep, FLOPs, CPU timings, layer profile and ViCA on the zoo's ShapesVQA LLaVA models."""
     torch.set_grad_enabled(False)

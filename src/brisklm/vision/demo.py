@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from brisklm.eval.report import DemoContext, Section, figure_html, new_figure, table_html
+from brisklm.eval.report import DemoContext, MethodRow, Section, figure_html, new_figure, table_html
 
 
 def demo_sections(ctx: DemoContext) -> list[Section]:
@@ -38,10 +38,13 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
     ax.plot(x, profile["visual_mass"], marker="s", label="attention mass on image tokens")
     ax.set_xlabel("layer")
     ax.legend()
+    methods = [MethodRow(row["method"], "shapes-vica" if row["method"].startswith("ViCA") else "shapes-llava",
+                         f"accuracy {row['accuracy kept']:.2f} of dense", None, "dense LLaVA", "brisk bench vision")
+               for row in rows if row["method"] != "dense"]
     intro = ("<p>A tiny LLaVA trained from scratch on ShapesVQA (16 image tokens). VisiPruner hides the image from "
              "text in shallow layers (except a sink token), finds the fusion layer by the removal-cosine criterion, "
              "keeps only the visual tokens whose contribution to the last token's attention output is large "
              "relative to it, and drops them all in the deep stage. ViCA lets text read the frozen projector "
              "outputs only at a few selected layers.</p>")
     return [Section("Vision: VisiPruner, FastV, PyramidDrop, ViCA",
-                    intro + table_html(rows) + figure_html(fig, ctx.out_dir, "vision-layer-profile"))]
+                    intro + table_html(rows) + figure_html(fig, ctx.out_dir, "vision-layer-profile"), methods)]

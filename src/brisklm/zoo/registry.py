@@ -1,6 +1,6 @@
 """The zoo's recipes: how each default tiny model is trained and how its quality is measured.
 
-Areas add recipes by calling `register`; their modules are listed in RECIPE_MODULES and imported lazily.
+Areas add recipes by calling `register`; each area declares its recipe modules (brisklm.areas), imported lazily.
 """
 
 from __future__ import annotations
@@ -11,17 +11,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from brisklm.errors import BriskError
-
-RECIPE_MODULES = [
-    "brisklm.zoo.recipes",
-    "brisklm.streaming.zoo",
-    "brisklm.streaming.proactive_zoo",
-    "brisklm.streaming.thinker_zoo",
-    "brisklm.pruning.zoo",
-    "brisklm.vision.zoo",
-    "brisklm.reasoning.zoo",
-    "brisklm.analysis.zoo",
-]
 
 
 @dataclass
@@ -50,12 +39,10 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    for module_name in RECIPE_MODULES:
-        try:
-            importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:  # a real missing dependency, not an area that does not exist yet
-                raise
+    from brisklm.areas import recipe_modules
+
+    for module_name in recipe_modules():
+        importlib.import_module(module_name)
     _loaded = True
 
 

@@ -19,7 +19,7 @@ import torch
 
 from brisklm.core.timing import one_torch_thread
 from brisklm.errors import BriskError
-from brisklm.eval.bench import BenchContext, register
+from brisklm.eval.bench import BenchContext
 from brisklm.eval.metrics import bleu
 from brisklm.streaming.bench import latency
 from brisklm.streaming.proactive.heads import (Head, SufficiencyData, adaptive_decode, auroc, load_probe, sufficiency_data,
@@ -201,7 +201,6 @@ def curve_figure(figures: dict[str, Any], out_dir: Path | None = None, name: str
     return fig
 
 
-@register("proactive")
 def proactive_benchmark(ctx: BenchContext) -> dict[str, Any]:
     """ProactiveLLM figures on the variable-lookahead task (quick: 100 sentences, SPSD model's heads only)."""
     with one_torch_thread():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from brisklm.core.timing import one_torch_thread
-from brisklm.eval.report import DemoContext, Section, figure_html, table_html
+from brisklm.eval.report import DemoContext, MethodRow, Section, figure_html, table_html
 
 
 def _transcript(threshold: float = 0.5, seed: int = 1) -> str:
@@ -48,7 +48,10 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
              f"(best head {figures['best_head']} vs {figures['best_waitk']}, LAAL range "
              f"{figures['area_laal_range']}).</p>")
     fig = curve_figure(figures)
+    methods = [MethodRow(f"ProactiveLLM {figures['best_head']} head", figures["models"]["spsd"],
+                         f"{figures['auc_gain']:+.2f} BLEU over the LAAL range vs {figures['best_waitk']}", None,
+                         "wait-k on the same model", "brisk bench proactive")]
     return [Section("Proactive streaming (decision heads)",
                     intro + figure_html(fig, ctx.out_dir, "proactive-bleu-laal") + "<h3>Sufficiency AUROC</h3>"
                     + table_html(auroc_rows) + "<h3>Curve areas</h3>" + table_html(area_rows)
-                    + "<h3>A stream through the probe head (threshold 0.5)</h3>" + transcript)]
+                    + "<h3>A stream through the probe head (threshold 0.5)</h3>" + transcript, methods)]

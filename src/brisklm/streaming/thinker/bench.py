@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from brisklm.core.timing import one_torch_thread
-from brisklm.eval.bench import BenchContext, register
+from brisklm.eval.bench import BenchContext
 from brisklm.streaming.thinker.data import DEPTHS, MODES, streaming_cot, thinker_task
 from brisklm.streaming.thinker.session import ThinkerResult, reference_logits, think_depths
 from brisklm.streaming.thinker_zoo import BATCH_MODEL, STREAMING_MODEL
@@ -215,7 +215,6 @@ def thinker_figures(n_examples: int, seed: int = 0, depths: Sequence[str] = DEPT
     return figures
 
 
-@register("thinker")
 def thinker_benchmark(ctx: BenchContext) -> dict[str, Any]:
     """StreamingThinker vs batch CoT: accuracy, waiting, latency after the last input, skip rate, exactness."""
     with one_torch_thread():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from brisklm.core.timing import one_torch_thread
-from brisklm.eval.report import DemoContext, Section, figure_html, table_html
+from brisklm.eval.report import DemoContext, MethodRow, Section, figure_html, table_html
 
 
 def _transcript(seed: int = 0, depth: str = "D3") -> str:
@@ -64,6 +64,11 @@ def demo_sections(ctx: DemoContext) -> list[Section]:
              "from per-forward costs measured in this run, one fact arriving every "
              f"{figures['headline_interval_steps']} decode steps.</p>")
     fig = time_figure(figures["time_to_answer_s_by_interval_steps"], figures["arrival_step_s"], depths)
+    methods = [MethodRow(f"StreamingThinker {d}", "streaming-thinker",
+                         f"accuracy {figures[d]['accuracy_streaming']:.2f} vs {figures[d]['accuracy_batch']:.2f} batch CoT",
+                         1 / (1 - figures[d]["time_to_answer_reduction"]) if figures[d]["time_to_answer_reduction"] < 1
+                         else None, "batch CoT (thinker-batch-cot): time from the last input to the answer")
+               for d in depths]
     return [Section("StreamingThinker (think while reading)",
                     intro + table_html(rows) + figure_html(fig, ctx.out_dir, "thinker-time-to-answer")
-                    + "<h3>One stream, fact by fact (D3)</h3>" + transcript)]
+                    + "<h3>One stream, fact by fact (D3)</h3>" + transcript, methods)]
