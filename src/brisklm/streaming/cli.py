@@ -210,8 +210,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, **device_kwargs(args))
     text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
 
-    def report(error: BriskError) -> None:
-        print(f"brisk: error: {error}", file=sys.stderr, flush=True)
+    def report(error: BriskError) -> None:  # above the progress bar, on a line of its own
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"brisk: error: {error}", file=sys.stderr)
 
     result = evaluate(loaded.model, text, lines, spec, name=name, word_ms=word_ms, phi=args.phi,
                       instruction=args.instruction, checkpoint=loaded.path, progress=progress, on_error=report)
