@@ -177,6 +177,7 @@ def test_our_agent_under_simulevals_evaluator(word_checkpoint, tmp_path, monkeyp
     from simuleval.evaluator import build_evaluator
     from simuleval.utils.agent import build_system_args
 
+    monkeypatch.setattr("sys.argv", ["simuleval"])  # SimulEval also parses the process's own arguments
     sources, targets = ["kel ama mibo sefa", "ama kel"], ["yelm flun tov", "gorl"]
     (tmp_path / "src.txt").write_text("".join(s + "\n" for s in sources))
     (tmp_path / "ref.txt").write_text("".join(t + "\n" for t in targets))
