@@ -69,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
         peft_model = add_lora(loaded.model, args.lora_r, args.lora_alpha, targets)
-        what += f" (LoRA r={args.lora_r} alpha={args.lora_alpha} on {','.join(peft_model.peft_config['default'].target_modules)})"
+        modules = ",".join(sorted(peft_model.peft_config["default"].target_modules))
+        what += f" (LoRA r={args.lora_r} alpha={args.lora_alpha} on {modules})"
     print(f"fine-tuning {loaded.path} with the GPE wait-k mask, k in {k_range[0]}..{k_range[1]}, on {what}", flush=True)
     trained = loaded.model if peft_model is None else peft_model.get_base_model()  # LoRA layers injected in place
     with tempfile.TemporaryDirectory() as tmp:
