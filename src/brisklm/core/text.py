@@ -104,7 +104,8 @@ class TextLayer:
         return cls(tokenizer, resolve_roles(tokenizer, config, generation_config), chat_template, system_prompt)
 
     @classmethod
-    def for_model(cls, model, tokenizer, chat_template: bool | str = True, system_prompt: str | None = None) -> TextLayer:
+    def for_model(cls, model, tokenizer, chat_template: bool | str = True,
+                  system_prompt: str | None = None) -> TextLayer:
         """`from_tokenizer` with the model's own config and generation_config."""
         return cls.from_tokenizer(tokenizer, getattr(model, "config", None), getattr(model, "generation_config", None),
                                   chat_template, system_prompt)
