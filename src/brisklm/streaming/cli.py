@@ -55,10 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_proactive(args, loaded, k_range, options, out)
     text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
     if args.data is not None:
-        from brisklm.streaming.data import check_encodable, read_parallel
-
-        examples = read_parallel(args.data)
-        check_encodable(text, examples, args.instruction, name=Path(args.data).name)
+        examples = _training_pairs(text, args.data, args.instruction)
         what = f"{len(examples)} pairs of {Path(args.data).name}"
     else:
         examples = get_task("translation").examples("train", args.n_train, seed=args.seed)
@@ -87,6 +84,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     loaded.tokenizer.save_pretrained(out)
     print(f"saved the {kind} to {out} (train loss {stats['train_loss']:.3f}, {stats['train_seconds']:.0f} s)")
     return 0
+
+
+def _training_pairs(text: TextLayer, data: str, instruction: str | None) -> list:
+    """The pairs of a training file; every bad line (format, empty source, a word the tokenizer cannot encode)
+    is reported on its own `brisk: error:` line with its line number before anything is trained."""
+    from brisklm.streaming.data import read_pairs
+    from brisklm.streaming.gpe import build_layout
+
+    name = Path(data).name
+    pairs, bad = read_pairs(data)
+    for pair in pairs:
+        try:
+            build_layout(text, pair.example.meta["source_words"], pair.example.meta["target_words"],
+                         instruction=instruction)
+        except BriskError as error:
+            bad.append(BriskError(f"{name} line {pair.line}: {error}"))
+    if bad:
+        for error in sorted(bad, key=lambda e: _line_of(e) or 0)[:-1]:
+            print(f"brisk: error: {error}", file=sys.stderr)
+        last = max(bad, key=lambda e: _line_of(e) or 0)
+        raise BriskError(f"{last} ({len(bad)} bad line(s) in {name}; nothing was trained)")
+    if not pairs:
+        raise BriskError(f"--data {data} has no source/target pairs")
+    return [pair.example for pair in pairs]
 
 
 def _train_proactive(args: argparse.Namespace, loaded, k_range: tuple[int, int], options, out: Path) -> int:
@@ -178,7 +199,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from brisklm.eval.progress import progress
-    from brisklm.streaming.evaluate import TestLine, evaluate, read_test_lines, write_outputs
+    from brisklm.streaming.data import NumberedPair, read_pairs
+    from brisklm.streaming.evaluate import evaluate, write_outputs
     from brisklm.streaming.lora import load_model
     from brisklm.streaming.simul_scores import DEFAULT_WORD_MS
     from brisklm.streaming.stepper import PolicySpec
@@ -193,13 +215,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise BriskError(f"{out} is not empty: pass another --out or --force to overwrite")
     bad: list[BriskError] = []
     if args.data is not None:
-        lines, bad = read_test_lines(args.data)
+        lines, bad = read_pairs(args.data)
         name = Path(args.data).name
     else:
         if args.n_test < 1:
             raise BriskError("--n-test must be positive")
         task = get_task("translation")
-        lines = [TestLine(i + 1, e) for i, e in enumerate(task.examples("test", args.n_test, seed=args.seed))]
+        lines = [NumberedPair(i + 1, e) for i, e in enumerate(task.examples("test", args.n_test, seed=args.seed))]
         name = "the synthetic translation task"
     if args.limit is not None:
         lines = lines[:args.limit]

@@ -7,6 +7,7 @@ whitespace) that the text layer later turns into per-word token segments.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -72,6 +73,27 @@ def read_parallel(path: str | Path) -> list[Example]:
     if not examples:
         raise BriskError(f"--data {Path(path).expanduser()} has no source/target pairs")
     return examples
+
+
+@dataclass
+class NumberedPair:
+    """A source/target pair with the line of the data file it came from."""
+
+    line: int
+    example: Example
+
+
+def read_pairs(path: str | Path) -> tuple[list[NumberedPair], list[BriskError]]:
+    """Every good pair of a .jsonl/.tsv file with its line number, and the error of every bad line (each names
+    its line), so a command can report them all, one line each."""
+    good: list[NumberedPair] = []
+    bad: list[BriskError] = []
+    for number, item in parse_parallel(path):
+        if isinstance(item, BriskError):
+            bad.append(item)
+        else:
+            good.append(NumberedPair(number, item))
+    return good, bad
 
 
 def check_encodable(text, examples: Sequence[Example], instruction: str | None = None, name: str = "data") -> None:

@@ -17,15 +17,7 @@ from brisklm.core.text import TextLayer
 from brisklm.errors import BriskError
 from brisklm.streaming.simul_scores import DEFAULT_WORD_MS, corpus_scores, record, write_log
 from brisklm.streaming.stepper import PolicySpec, run_stream
-from brisklm.tasks.base import Example
-
-
-@dataclass
-class TestLine:
-    """One test sentence pair with where it came from (a line number, or the index in a built-in task)."""
-
-    line: int
-    example: Example
+from brisklm.streaming.data import NumberedPair
 
 
 @dataclass
@@ -35,17 +27,6 @@ class EvalResult:
     records: list[dict]
     scores: dict
     skipped: list[dict] = field(default_factory=list)
-
-
-def read_test_lines(path: str | Path) -> tuple[list[TestLine], list[BriskError]]:
-    """Good pairs of a .jsonl/.tsv file and the errors of its bad lines (each naming its line number)."""
-    from brisklm.streaming.data import parse_parallel
-
-    good, bad = [], []
-    for number, item in parse_parallel(path):
-        (bad if isinstance(item, BriskError) else good).append(item if isinstance(item, BriskError)
-                                                              else TestLine(number, item))
-    return good, bad
 
 
 def check_source(text: TextLayer, words: Sequence[str], where: str, instruction: str | None = None) -> None:
@@ -58,7 +39,7 @@ def check_source(text: TextLayer, words: Sequence[str], where: str, instruction:
         raise BriskError(f"{where}: {error}") from None
 
 
-def evaluate(model, text: TextLayer, lines: Sequence[TestLine], spec: PolicySpec, *, name: str = "data",
+def evaluate(model, text: TextLayer, lines: Sequence[NumberedPair], spec: PolicySpec, *, name: str = "data",
              word_ms: float = DEFAULT_WORD_MS, phi: int = 0, instruction: str | None = None, checkpoint=None,
              progress: Callable = lambda it, **kw: it,
              on_error: Callable[[BriskError], None] = lambda error: None) -> EvalResult:
