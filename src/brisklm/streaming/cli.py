@@ -211,6 +211,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not word_ms > 0:
         raise BriskError(f"--word-ms must be positive, got {word_ms}")
     out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BriskError(f"--out {out} is a file: pass a folder")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise BriskError(f"{out} is not empty: pass another --out or --force to overwrite")
     bad: list[BriskError] = []

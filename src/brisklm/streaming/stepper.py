@@ -4,8 +4,9 @@ wall time since the stream started.
 
 The schedules are those of the batch decoders, fed word by word: wait-k and offline as `policies.gpe_wait_k`
 (an end predicted before the source ended reads one more word, for good), the decision heads as
-`proactive.heads.adaptive_decode` (min lag 1; the end is forbidden while source may still come). Tests check
-that the outputs equal the batch decoders'. Used by `brisk stream eval` and the SimulEval agent.
+`proactive.heads.adaptive_decode` (min lag 1; the end is forbidden while source may still come; the head
+decides at every written token, and its lag counts completed words). Tests check that the outputs equal the
+batch decoders'. Used by `brisk stream eval` and the SimulEval agent.
 """
 
 from __future__ import annotations
