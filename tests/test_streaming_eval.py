@@ -253,3 +253,13 @@ def test_no_usable_line_is_one_error(word_checkpoint, tmp_path, capsys):
                  str(tmp_path / "o")]) == 2
     errors = errors_of(capsys.readouterr().err)
     assert len(errors) == 2 and "d.jsonl line 1" in errors[0] and "no usable source/target pairs" in errors[1]
+
+
+def test_translate_uses_the_same_driver(fixture_checkpoints, capsys):
+    """`stream translate` (words pushed as they arrive, the end known only at EOF) prints gpe_wait_k's words."""
+    path = fixture_checkpoints("gemma2")
+    model, text = load(path)
+    expected = gpe_wait_k(model, text, [["hello", "world", "again"]], 2).outputs[0]
+    assert main(["stream", "translate", "--model", str(path), "--k", "2", "--text", "hello world again"]) == 0
+    lines = [line.rsplit("\t", 1) for line in capsys.readouterr().out.splitlines() if "\tdelay=" in line]
+    assert [(w, int(d.split("=")[1])) for w, d in lines] == list(zip(expected.words, expected.delays))

@@ -12,7 +12,6 @@ from brisklm.core.device import add_device_args, device_kwargs
 from brisklm.core.inspect import causal_lm_only
 from brisklm.core.text import TextLayer, add_text_args, text_options
 from brisklm.errors import BriskError
-from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, OFFLINE_K, reads_before, target_limit
 from brisklm.streaming.stepper import DEFAULT_THRESHOLDS, HEAD_POLICIES
 
 
@@ -144,53 +143,37 @@ def _stdin_words(stream):
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    """Source words from stdin (or --text) pushed one by one through the policy; each target word printed once
+    complete, with its delay (the same word-by-word driver as `stream eval` and the SimulEval agent)."""
     import torch
 
-    from brisklm.streaming.engine import StreamingSession
-    from brisklm.streaming.gpe import check_k
     from brisklm.streaming.lora import load_model as load
+    from brisklm.streaming.stepper import PolicySpec, StreamStepper
 
     if args.policy in HEAD_POLICIES:
         return _translate_with_head(args)
-    if args.threshold is not None:
-        raise BriskError(f"--threshold applies to --policy {'|'.join(HEAD_POLICIES)}, not {args.policy}")
-    k = OFFLINE_K if args.policy == "offline" else check_k(args.k)
+    spec = PolicySpec(args.policy, args.k, args.threshold).check()
     torch.set_num_threads(1)
     loaded = load(args.model, **device_kwargs(args))
     text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
-    session = StreamingSession(loaded.model, text, phi=args.phi, instruction=args.instruction)
+    stepper = StreamStepper(loaded.model, text, spec, phi=args.phi, instruction=args.instruction,
+                            max_words=args.max_words)
     source = _stdin_words(sys.stdin) if args.text is None else iter(args.text.split())
 
-    def write_while_allowed(closed: bool) -> None:
-        cap = args.max_words if not closed else min(args.max_words, target_limit(session.words_read(0)))
-        while not session.done[0]:
-            if session.words_started(0) >= cap or len(session.written[0]) >= MAX_TOKENS_PER_WORD * cap:
-                out, before = session.outputs[0], len(session.outputs[0].words)
-                session.stop(0)  # completes the open word
-                show(zip(out.words[before:], out.delays[before:]))
-                return
-            j = session.words_started(0) + 1  # the word the next token may start
-            if not closed and session.words_read(0) < reads_before(k, j, 10**9):
-                return
-            token = session.write()[0]
-            show(session.new_words[0])
-            if token is None and session.wants_read[0] and not closed:
-                return  # the model wants more source before it may end
+    def show(emitted) -> None:
+        for item in emitted:  # a word is printed once complete, with the source words read at its first token
+            print(f"{item.word}\tdelay={item.delay}", flush=True)
 
-    def show(words) -> None:
-        for word, delay in words:  # a word is printed once complete, with the source words read at its first token
-            print(f"{word}\tdelay={delay}", flush=True)
-
-    for word in source:
-        session.read([word])
-        write_while_allowed(closed=False)
-    if session.words_read(0) == 0:
-        raise BriskError("the source stream is empty: type at least one word on stdin (or pass --text)")
-    session.close()
-    write_while_allowed(closed=True)
-    out = session.outputs[0]
-    print(f"# {len(out.words)} words from {out.source_words} source words; forward tokens {session.forward_tokens}",
-          file=sys.stderr)
+    with torch.no_grad():
+        for word in source:
+            if not stepper.done:
+                show(stepper.push([word]))
+        if not stepper.received:
+            raise BriskError("the source stream is empty: type at least one word on stdin (or pass --text)")
+        show(stepper.push([], finished=True))
+    out = stepper.output
+    print(f"# {len(out.words)} words from {len(stepper.received)} source words; forward tokens "
+          f"{stepper.session.forward_tokens}", file=sys.stderr)
     return 0
 
 

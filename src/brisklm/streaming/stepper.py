@@ -20,7 +20,7 @@ from brisklm.core.text import TextLayer
 from brisklm.errors import BriskError
 from brisklm.streaming.engine import StreamingSession, StreamOutput
 from brisklm.streaming.gpe import check_k
-from brisklm.streaming.policies import OFFLINE_K, target_limit, token_limit
+from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, OFFLINE_K, target_limit, token_limit
 
 HEAD_POLICIES = ("entropy", "attention", "probe")
 POLICIES = ("wait-k", "offline", *HEAD_POLICIES)
@@ -68,8 +68,11 @@ class StreamStepper:
     """One stream of one policy, fed source words as they arrive (see the module docstring)."""
 
     def __init__(self, model, text: TextLayer, spec: PolicySpec, *, phi: int = 0, instruction: str | None = None,
-                 checkpoint=None, head=None) -> None:
+                 checkpoint=None, head=None, max_words: int | None = None) -> None:
         self.spec = spec.check()
+        if max_words is not None and max_words < 1:
+            raise BriskError(f"--max-words must be >= 1, got {max_words}")
+        self.max_words = max_words  # a user cap on target words (the open word is completed when it is hit)
         self.start = time.perf_counter()
         self.head = None
         if self.spec.name in HEAD_POLICIES:
@@ -118,9 +121,18 @@ class StreamStepper:
         if count > have:
             self.session.read(self.received[have:count])
 
+    def _capped(self) -> bool:
+        """Stop the stream at the user's --max-words cap (tokens capped too, so a word that never ends stops)."""
+        s, cap = self.session, self.max_words
+        if cap is None or s.done[0] or (s.words_started(0) < cap and len(s.written[0]) < MAX_TOKENS_PER_WORD * cap):
+            return False
+        s.stop(0)
+        self._stamp()
+        return True
+
     def _wait_k(self) -> None:
         s, k = self.session, self.spec.k
-        while not s.done[0]:
+        while not s.done[0] and not self._capped():
             n = len(self.received)
             need = k + s.words_started(0) + self.extra  # reads before the word the next token may start
             if not self.finished and need > n:
@@ -144,7 +156,7 @@ class StreamStepper:
         def gate(session: StreamingSession, logits) -> list[bool]:
             return [session.closed[0] or head.writes(head.signal(session, logits), threshold)[0]]
 
-        while not s.done[0]:
+        while not s.done[0] and not self._capped():
             n = len(self.received)
             want = max(self.want, len(s.outputs[0].words) + 1)
             if self.finished:
