@@ -263,3 +263,12 @@ def test_translate_uses_the_same_driver(fixture_checkpoints, capsys):
     assert main(["stream", "translate", "--model", str(path), "--k", "2", "--text", "hello world again"]) == 0
     lines = [line.rsplit("\t", 1) for line in capsys.readouterr().out.splitlines() if "\tdelay=" in line]
     assert [(w, int(d.split("=")[1])) for w, d in lines] == list(zip(expected.words, expected.delays))
+
+
+def test_heads_on_a_subword_checkpoint_are_refused_per_line(fixture_checkpoints, tmp_path, capsys):
+    """Like `stream translate --policy entropy`, until the heads run on subword tokenizers: one error line."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"source": "hello world", "target": "hallo Welt"}])
+    assert main(["stream", "eval", "--model", str(fixture_checkpoints("qwen2")), "--data", str(data),
+                 "--policy", "entropy", "--out", str(tmp_path / "o")]) == 2
+    errors = errors_of(capsys.readouterr().err)
+    assert len(errors) == 1 and "one token per word" in errors[0]

@@ -51,6 +51,7 @@ def evaluate(model, text: TextLayer, lines: Sequence[NumberedPair], spec: Policy
     if spec.name not in ("wait-k", "offline"):
         from brisklm.streaming.proactive.heads import make_head
 
+        text.require_word_level("ProactiveLLM's decision heads")  # once, not once per line
         head = make_head(spec.name, checkpoint)
     records, skipped = [], []
     for item in progress(lines, desc=f"stream eval ({spec.name})", total=len(lines)):
@@ -61,6 +62,7 @@ def evaluate(model, text: TextLayer, lines: Sequence[NumberedPair], spec: Policy
             with torch.no_grad():
                 stepper = run_stream(model, text, spec, source, phi=phi, instruction=instruction, head=head)
         except BriskError as error:
+            error = error if str(error).startswith(where) else BriskError(f"{where}: {error}")
             on_error(error)
             skipped.append({"line": item.line, "error": str(error)})
             continue

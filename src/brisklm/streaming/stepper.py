@@ -78,6 +78,7 @@ class StreamStepper:
         if self.spec.name in HEAD_POLICIES:
             from brisklm.streaming.proactive.heads import make_head
 
+            text.require_word_level("ProactiveLLM's decision heads")  # as adaptive_decode / live_decode, for now
             self.head = head if head is not None else make_head(self.spec.name, checkpoint)
         self.session = StreamingSession(model, text, 1, phi=phi, instruction=instruction,
                                         record_attention=self.head is not None and self.head.needs_attention)
