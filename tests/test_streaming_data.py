@@ -70,4 +70,17 @@ def test_unencodable_training_word_names_its_pair(fixture_checkpoints, tmp_path,
     assert main(["stream", "train", "--model", str(fixture_checkpoints("mistral")), "--data", str(data),
                  "--steps", "1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "d.jsonl pair 2" in err and "cannot encode" in err and "Traceback" not in err
+    assert "d.jsonl line 2" in err and "cannot encode" in err and "Traceback" not in err
+
+
+def test_every_bad_training_line_is_reported_and_nothing_trained(fixture_checkpoints, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"source": "hello world", "target": "hallo"}, {"source": "x"},
+                                              {"source": "fine", "target": "gut"}, {"source": " ", "target": "a"}])
+    out = tmp_path / "o"
+    assert main(["stream", "train", "--model", str(fixture_checkpoints("qwen2")), "--data", str(data),
+                 "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("brisk: error")]
+    assert len(errors) == 2 and "d.jsonl line 2: needs an object" in errors[0] and "Traceback" not in err
+    assert "d.jsonl line 4: the source is empty" in errors[1] and "2 bad line(s)" in errors[1]
+    assert not out.exists()

@@ -79,10 +79,13 @@ def is_word_level(tokenizer) -> bool:
 class TextLayer:
     """Text <-> ids for one tokenizer: roles, word segments, incremental decoding and prompt/completion framing."""
 
-    def __init__(self, tokenizer, roles: Roles, chat_template: bool, system_prompt: str | None) -> None:
+    def __init__(self, tokenizer, roles: Roles, chat_template: bool | str, system_prompt: str | None) -> None:
         self.tokenizer = tokenizer
         self.roles = roles
         self.word_level = is_word_level(tokenizer)
+        if chat_template == "force" and not getattr(tokenizer, "chat_template", None):
+            raise BriskError("--chat-template was passed but this tokenizer has no chat template; drop "
+                             "--chat-template, or save a template with the tokenizer (tokenizer.chat_template)")
         self.chat_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
         self.system_prompt = system_prompt
         if system_prompt and not self.chat_template:
@@ -92,15 +95,17 @@ class TextLayer:
             self._specials.add(roles.end_of_turn_id)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, config=None, generation_config=None, chat_template: bool = True,
+    def from_tokenizer(cls, tokenizer, config=None, generation_config=None, chat_template: bool | str = True,
                        system_prompt: str | None = None) -> TextLayer:
-        """Resolve the roles of `tokenizer` (with the model's config / generation_config when given)."""
+        """Resolve the roles of `tokenizer` (with the model's config / generation_config when given);
+        chat_template="force" requires the tokenizer to have one."""
         if tokenizer is None:
             raise BriskError("no tokenizer: save the tokenizer beside the model with save_pretrained")
         return cls(tokenizer, resolve_roles(tokenizer, config, generation_config), chat_template, system_prompt)
 
     @classmethod
-    def for_model(cls, model, tokenizer, chat_template: bool = True, system_prompt: str | None = None) -> TextLayer:
+    def for_model(cls, model, tokenizer, chat_template: bool | str = True,
+                  system_prompt: str | None = None) -> TextLayer:
         """`from_tokenizer` with the model's own config and generation_config."""
         return cls.from_tokenizer(tokenizer, getattr(model, "config", None), getattr(model, "generation_config", None),
                                   chat_template, system_prompt)
@@ -360,6 +365,8 @@ def add_text_args(parser: argparse.ArgumentParser) -> None:
     """`--no-chat-template` and `--system-prompt` for commands that frame user prompts."""
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                         help="frame prompts as plain text ([bos] prompt [sep]) even if the tokenizer has a chat template")
+    parser.add_argument("--chat-template", dest="chat_template", action="store_const", const="force",
+                        help="require the tokenizer's chat template (an error if it has none; default: use it if present)")
     parser.add_argument("--system-prompt", default=None,
                         help="system message put before the prompt through the chat template")
 
