@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,eval,docs]'
+	$(BIN)/pip install --quiet --no-deps --target $(VENV)/simuleval-pkgs simuleval==1.1.4 TextGrid==1.6.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,6 +3,8 @@ stepper equal to the batch decoders, scores equal to SimulEval's formulas (and t
 importable), and bad input reported one line each without losing the other lines."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,12 @@ from brisklm.tasks.translation import TranslationTask
 from brisklm.zoo.architecture import new_model, tiny_llama_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# `make install` puts the pinned simuleval beside the environment (pip --no-deps --target): its tqdm==4.64.1 pin
+# conflicts with datasets, so it cannot be a dependency. Appended, so every package it would pin stays ours.
+SIMULEVAL_PACKAGES = Path(sys.prefix) / "simuleval-pkgs"
+if SIMULEVAL_PACKAGES.is_dir() and str(SIMULEVAL_PACKAGES) not in sys.path:
+    sys.path.append(str(SIMULEVAL_PACKAGES))
 
 PAIRS = [("the quick brown fox", "der schnelle braune Fuchs"), ("hello world", "hallo Welt")]
 FIELDS = {"index", "prediction", "delays", "elapsed", "prediction_length", "reference", "source", "source_length"}
