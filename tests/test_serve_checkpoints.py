@@ -97,9 +97,10 @@ def test_fixture_sessions_equal_offline_wait_k(fixture_checkpoints, style):
     assert health["mean_batch"] > 1, "the sessions were not batched"
 
 
-def test_entropy_head_on_subword_checkpoint_is_batched(fixture_checkpoints):
+@pytest.mark.parametrize("head, threshold", [("entropy", 4.0), ("attention", 0.3)])
+def test_head_on_subword_checkpoint_is_batched(fixture_checkpoints, head, threshold):
     model, text = loaded(fixture_checkpoints, "qwen2")
-    app = create_app(model, text, policy="entropy", options={"threshold": 4.0, "max_words": 6},
+    app = create_app(model, text, policy=head, options={"threshold": threshold, "max_words": 6},
                      limits=Limits(max_source_words=20))
     with BackgroundServer(app) as srv:
         async def main():
