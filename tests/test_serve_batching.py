@@ -110,7 +110,7 @@ def test_batched_slot_caches_match_single_session(gpe):
         run_round(list(enumerate(pols)), results, 64)
         if not any(p.next_step() for p in pols):
             break
-    engine = pool.engine(0)
+    engine = pols[0].engine
     assert engine.size >= len(srcs) and engine.live == len(srcs)
     for force in (False, True):
         if force:
@@ -131,12 +131,11 @@ def test_slots_are_reused_grown_and_shrunk(gpe):
     model, tok = gpe
     srcs = sources(12, seed=5)
     offline = gpe_wait_k(model, tok, srcs, 2).outputs
-    pool = EnginePool(model, tok)
-    engine = pool.engine(0)
+    pool = EnginePool(model, tok, max_rows=4)  # up to 7 live sessions: a second engine is needed
     pending = list(range(len(srcs)))
     live, items, sizes = {}, {i: [] for i in range(len(srcs))}, set()
-    for _ in range(10_000):
-        while pending and len(live) < 1 + len(items) % 5 + (len(pending) % 3):  # a changing number of sessions
+    for round_ in range(10_000):
+        while pending and len(live) < (2, 6, 3, 7, 1)[round_ % 5]:  # a changing number of live sessions
             i = pending.pop(0)
             live[i] = GpeWaitKPolicy(model, tok, 2, engines=pool)
             live[i].push(srcs[i][:2])
@@ -148,18 +147,19 @@ def test_slots_are_reused_grown_and_shrunk(gpe):
                 p.push(rest[:1]) if rest else p.push_end()
         results = {i: ([], None) for i in live}
         run_round(list(live.items()), results, 64)
-        engine.compact()
-        sizes.add(engine.size)
+        pool.compact()
+        sizes |= {engine.size for engine in pool.engines[0]}
         for i, (got, error) in results.items():
             assert error is None
             items[i] += got
         for i in [i for i, p in live.items() if p.finished]:
             live.pop(i).release()
     assert not pending and not live
-    assert engine.joined == len(srcs) and max(sizes) >= 4
+    engines = pool.engines[0]
+    assert len(engines) == 2 and sum(e.joined for e in engines) == len(srcs) and max(sizes) == 4
     for out, got in zip(offline, items.values()):
         assert collect(got) == (out.words, out.delays)
-    width = max(layer.length for layer in engine.session.target_cache.layers)
+    width = max(layer.length for layer in engines[0].session.target_cache.layers)
     assert width < sum(len(o.words) for o in offline), "the cache was never compacted"
 
 
@@ -198,3 +198,43 @@ def test_parse_message_accepts():
     start = parse_message('{"type": "start", "policy": "wait-k", "options": {"k": 2}}', 100)
     assert start.policy == "wait-k" and start.options == {"k": 2}
     assert parse_message('{"type": "end"}', 100).type == "end"
+
+
+def test_engine_shrinks_when_most_slots_are_free_and_sessions_carry_on(gpe):
+    model, tok = gpe
+    srcs = sources(9, seed=8)
+    offline = gpe_wait_k(model, tok, srcs, 2).outputs
+    pool = EnginePool(model, tok)
+    pols = [GpeWaitKPolicy(model, tok, 2, engines=pool) for _ in srcs]
+    items = {i: [] for i in range(len(srcs))}
+
+    def rounds(chosen):
+        for _ in range(1000):
+            results = {i: ([], None) for i in chosen}
+            run_round([(i, pols[i]) for i in chosen], results, 64)
+            for i, (got, error) in results.items():
+                assert error is None
+                items[i] += got
+            if not any(pols[i].next_step() for i in chosen):
+                return
+
+    for i, p in enumerate(pols):
+        p.push(srcs[i][:3])
+    rounds(range(9))
+    engine = pols[0].engine
+    assert engine.size == 16 and engine.live == 9
+    for i in range(6):  # six sessions end; their slots go back
+        pols[i].push(srcs[i][3:])
+        pols[i].push_end()
+    rounds(range(6))
+    for i in range(6):
+        pols[i].release()
+    assert engine.size == 8 and engine.live == 3  # live rows moved to the front, half the rows dropped
+    rows = [pols[i].row for i in range(6, 9)]
+    assert len(set(rows)) == 3 and max(rows) < 8
+    for i in range(6, 9):
+        pols[i].push(srcs[i][3:])
+        pols[i].push_end()
+    rounds(range(6, 9))
+    for out, got in zip(offline, items.values()):
+        assert collect(got) == (out.words, out.delays)

@@ -148,6 +148,7 @@ class SlotPolicy:
         self.pool = engines if engines is not None else EnginePool(model, self.text)
         self.phi = phi
         self.slot = None
+        self._engine = None  # the SlotEngine of the slot, once joined
         self.buffer: list[str] = []  # received, not yet read by the engine
         self.arrivals: list[float] = []  # perf_counter() of each buffered word
         self.received = 0
@@ -158,8 +159,9 @@ class SlotPolicy:
     # ----------------------------------------------------------------------------------- the slot
     @property
     def engine(self):
-        """The slot engine this policy runs on (steps are batched with every other slot of it)."""
-        return self.pool.engine(self.phi)
+        """The slot engine this policy runs on (steps are batched with every other slot of it); before the
+        join, the engine it would join."""
+        return self._engine if self._engine is not None else self.pool.engine(self.phi)
 
     @property
     def row(self) -> int:
@@ -167,7 +169,8 @@ class SlotPolicy:
 
     def join(self) -> None:
         if self.slot is None:
-            self.slot = self.engine.acquire()
+            self._engine = self.pool.engine(self.phi)
+            self.slot = self._engine.acquire()
 
     def release(self) -> None:
         if self.slot is not None:

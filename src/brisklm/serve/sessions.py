@@ -78,7 +78,7 @@ class SessionManager:
         self._ids = itertools.count(1)
         self.created = 0
         self.completed = 0
-        self.engines = EnginePool(model, self.text, instruction)
+        self.engines = EnginePool(model, self.text, instruction, max_rows=self.limits.max_batch)
         self.batching = batching  # False: every session gets an engine of its own (the unbatched baseline)
         self._releases: list[Any] = []  # policies of closed sessions whose slots go back before the next tick
         make_policy(policy, model, self.text, **options)  # fail at start-up on a bad policy or options

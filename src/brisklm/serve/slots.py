@@ -100,8 +100,10 @@ class SlotEngine:
     """A batched StreamingSession whose rows are slots; `acquire()` gives a slot that behaves as a fresh
     one-stream session (exactly: same keys, same metadata), `read` / `close` / `write` run many slots at once."""
 
-    def __init__(self, model, text: TextLayer, *, phi: int = 0, instruction: str | None = None) -> None:
+    def __init__(self, model, text: TextLayer, *, phi: int = 0, instruction: str | None = None,
+                 max_rows: int = 64) -> None:
         self.model, self.text, self.phi, self.instruction = model, text, phi, instruction
+        self.max_rows = max_rows  # rows never exceed this: each call computes every row, live or not
         # a one-stream session holds the fresh per-stream state and the prompt keys, computed once
         self.template = StreamingSession(model, text, 1, phi=phi, instruction=instruction)
         self.per_stream = self._per_stream_names(self.template)
@@ -127,13 +129,19 @@ class SlotEngine:
     def live(self) -> int:
         return sum(slot is not None for slot in self.slots)
 
+    @property
+    def full(self) -> bool:
+        return None not in self.slots and self.size >= self.max_rows
+
     def _fresh(self, name: str):
         return copy.deepcopy(getattr(self.template, name)[0])
 
     def acquire(self) -> Slot:
         """A free row (the engine doubles when full), reset to a fresh stream with the prompt read."""
+        if self.full:
+            raise BriskError(f"the slot engine is full ({self.max_rows} rows): take a slot from another engine")
         if None not in self.slots:
-            self._grow(self.size)
+            self._grow(min(self.size, self.max_rows - self.size))
         row = self.slots.index(None)
         slot = Slot(self, row)
         self.slots[row] = slot
@@ -245,17 +253,23 @@ class SlotEngine:
 
 
 class EnginePool:
-    """The slot engines of one served model: one per phi (the target's first position is engine-wide)."""
+    """The slot engines of one served model: per phi (the target's first position is engine-wide), as many
+    engines of at most `max_rows` rows as the live sessions need."""
 
-    def __init__(self, model, text: TextLayer, instruction: str | None = None) -> None:
-        self.model, self.text, self.instruction = model, text, instruction
-        self.engines: dict[int, SlotEngine] = {}
+    def __init__(self, model, text: TextLayer, instruction: str | None = None, max_rows: int = 64) -> None:
+        self.model, self.text, self.instruction, self.max_rows = model, text, instruction, max_rows
+        self.engines: dict[int, list[SlotEngine]] = {}
 
     def engine(self, phi: int = 0) -> SlotEngine:
-        if phi not in self.engines:
-            self.engines[phi] = SlotEngine(self.model, self.text, phi=phi, instruction=self.instruction)
-        return self.engines[phi]
+        """An engine of this phi with a free row (a new one when every engine is full)."""
+        group = self.engines.setdefault(phi, [])
+        for engine in group:
+            if not engine.full:
+                return engine
+        group.append(SlotEngine(self.model, self.text, phi=phi, instruction=self.instruction, max_rows=self.max_rows))
+        return group[-1]
 
     def compact(self) -> None:
-        for engine in self.engines.values():
-            engine.compact()
+        for group in self.engines.values():
+            for engine in group:
+                engine.compact()
