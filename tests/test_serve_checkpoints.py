@@ -71,12 +71,13 @@ async def text_session(url, words, **options):
                 return frames
 
 
-@pytest.mark.parametrize("style", ["qwen2", "llama3", "gemma2"])
+@pytest.mark.parametrize("style", ["qwen2", "qwen3", "llama3", "mistral", "gemma2", "gemma3", "phi3"])
 def test_fixture_sessions_equal_offline_wait_k(fixture_checkpoints, style):
     """Concurrent sessions (words, several words per message, raw text chunks that split words) on one batched
     engine give the words and delays of offline wait-k, through the chat-template framing."""
     model, text = loaded(fixture_checkpoints, style)
     offline = gpe_wait_k(model, text, SOURCES, 2).outputs
+    assert all(len(o.words) >= 2 for o in offline), "the fixture writes (next to) nothing: the check would be empty"
     app = create_app(model, text, options={"k": 2}, limits=Limits(max_source_words=20))
     with BackgroundServer(app) as srv:
         async def main():
