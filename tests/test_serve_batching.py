@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from brisklm.errors import BriskError
-from brisklm.serve.batching import run_batched
-from brisklm.serve.policy import CLOSE, READ, WRITE, GpeWaitKPolicy, is_stepping, make_policy, policy_names
+from brisklm.serve.policy import GpeWaitKPolicy, is_stepping, make_policy, policy_names
 from brisklm.serve.protocol import ProtocolError, parse_message
+from brisklm.serve.scheduler import run_round
+from brisklm.serve.slots import EnginePool, compact_cache
 from brisklm.streaming.policies import gpe_wait_k
 from brisklm.tasks import get_task
 
@@ -32,10 +33,12 @@ def collect(items):
 
 
 def lockstep(policies, arrivals):
-    """Feed each policy its chunks one per round; run every round's steps batched across policies."""
+    """Feed each policy its chunks one per round; run every round's steps batched across policies (slots)."""
+    from collections import Counter
+
     items = [[] for _ in policies]
     at = [0] * len(policies)
-    calls = []
+    sizes = Counter()
     for _ in range(10_000):  # bounded
         if all(p.finished for p in policies):
             break
@@ -46,21 +49,14 @@ def lockstep(policies, arrivals):
                     at[i] += 1
                 else:
                     p.push_end()
-        for phase in (READ, CLOSE, WRITE, "finish"):
-            group = [(i, p, st) for i, p in enumerate(policies) if (st := p.next_step()) is not None and st.kind == phase]
-            if not group:
-                continue
-            if phase == "finish":
-                for i, p, st in group:
-                    items[i] += p.apply_step(st)
-                continue
-            calls.append(len(group))
-            written = run_batched(phase, [p.engine for _, p, _ in group], [st.words for _, _, st in group])
-            for (i, p, st), word in zip(group, written):
-                items[i] += p.apply_step(st, word)
+        results = {i: ([], None) for i in range(len(policies))}
+        run_round(list(enumerate(policies)), results, 64, sizes)
+        for i, (got, error) in results.items():
+            assert error is None, error
+            items[i] += got
     else:
         raise AssertionError("sessions did not finish")
-    return items, calls
+    return items, [n for n, c in sizes.items() for _ in range(c)]
 
 
 def chunks(words, rng):
@@ -79,7 +75,8 @@ def test_batched_sessions_equal_single_and_offline(gpe, k):
     offline = gpe_wait_k(model, tok, srcs, k, batch_size=1).outputs
     rng = random.Random(k)
     arrivals = [chunks(s, rng) for s in srcs]  # each session gets its words in different-sized pieces
-    batched, calls = lockstep([GpeWaitKPolicy(model, tok, k) for _ in srcs], arrivals)
+    pool = EnginePool(model, tok)
+    batched, calls = lockstep([GpeWaitKPolicy(model, tok, k, engines=pool) for _ in srcs], arrivals)
     assert max(calls) > 1, "nothing was batched"
     for src, out, items in zip(srcs, offline, batched):
         single = GpeWaitKPolicy(model, tok, k)
@@ -92,22 +89,78 @@ def test_batched_sessions_equal_single_and_offline(gpe, k):
         assert alone[-1].kind == "end" and items[-1].kind == "end"
 
 
-def test_batched_write_caches_match_single_session(gpe):
-    """After batched steps each session's caches hold the same keys (to fp tolerance) as a one-session run."""
+def valid_keys(cache, row):
+    """Per layer: the keys of one batch row that any query may see, in cache order."""
+    return [layer.keys[row][:, layer.meta["valid"][row]] for layer in cache.layers]
+
+
+def test_batched_slot_caches_match_single_session(gpe):
+    """After batched steps each slot's row holds the same visible keys (to fp tolerance) as a one-session run,
+    also after compaction packs every row's keys to the left."""
     model, tok = gpe
     srcs = sources(4, seed=3)
-    pols = [GpeWaitKPolicy(model, tok, 2) for _ in srcs]
-    lockstep(pols, [[[w] for w in s] for s in srcs])
-    for src, p in zip(srcs, pols):
-        alone = GpeWaitKPolicy(model, tok, 2)
-        for w in src:
-            alone.on_words([w])
-        alone.on_end()
-        for mine, ref in ((p.engine.target_cache, alone.engine.target_cache), (p.engine.source_cache, alone.engine.source_cache)):
-            for a, b in zip(mine.layers, ref.layers):
-                assert a.keys.shape == b.keys.shape
-                assert torch.allclose(a.keys, b.keys, atol=1e-5)
-                assert torch.equal(a.meta["valid"], b.meta["valid"])
+    pool = EnginePool(model, tok)
+    pols = [GpeWaitKPolicy(model, tok, 2, engines=pool) for _ in srcs]
+    arrivals = [[[w] for w in s] for s in srcs]
+    for p, a in zip(pols, arrivals):  # every source but its last word, then compare mid-stream
+        for chunk in a[:-1]:
+            p.push(chunk)
+    for _ in range(50):
+        results = {i: ([], None) for i in range(len(pols))}
+        run_round(list(enumerate(pols)), results, 64)
+        if not any(p.next_step() for p in pols):
+            break
+    engine = pols[0].engine
+    assert engine.size >= len(srcs) and engine.live == len(srcs)
+    for force in (False, True):
+        if force:
+            assert compact_cache(engine.session.target_cache, force=True)
+        for src, p in zip(srcs, pols):
+            alone = GpeWaitKPolicy(model, tok, 2)
+            alone.on_words(src[:-1])
+            for cache, ref in ((engine.session.target_cache, alone.engine.session.target_cache),
+                               (engine.session.source_cache, alone.engine.session.source_cache)):
+                for a, b in zip(valid_keys(cache, p.row), valid_keys(ref, 0)):
+                    assert a.shape == b.shape
+                    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_slots_are_reused_grown_and_shrunk(gpe):
+    """Sessions that come and go in one engine (rows taken, given back, reused; the engine doubles, compacts and
+    shrinks) still equal offline wait-k."""
+    model, tok = gpe
+    srcs = sources(12, seed=5)
+    offline = gpe_wait_k(model, tok, srcs, 2).outputs
+    pool = EnginePool(model, tok, max_rows=4)  # up to 7 live sessions: a second engine is needed
+    pending = list(range(len(srcs)))
+    live, items, sizes = {}, {i: [] for i in range(len(srcs))}, set()
+    for round_ in range(10_000):
+        while pending and len(live) < (2, 6, 3, 7, 1)[round_ % 5]:  # a changing number of live sessions
+            i = pending.pop(0)
+            live[i] = GpeWaitKPolicy(model, tok, 2, engines=pool)
+            live[i].push(srcs[i][:2])
+        if not live:
+            break
+        for i, p in live.items():
+            if p.next_step() is None and not p.ended:
+                rest = srcs[i][p.received:]
+                p.push(rest[:1]) if rest else p.push_end()
+        results = {i: ([], None) for i in live}
+        run_round(list(live.items()), results, 64)
+        pool.compact()
+        sizes |= {engine.size for engine in pool.engines[0]}
+        for i, (got, error) in results.items():
+            assert error is None
+            items[i] += got
+        for i in [i for i, p in live.items() if p.finished]:
+            live.pop(i).release()
+    assert not pending and not live
+    engines = pool.engines[0]
+    assert len(engines) == 2 and sum(e.joined for e in engines) == len(srcs) and max(sizes) == 4
+    for out, got in zip(offline, items.values()):
+        assert collect(got) == (out.words, out.delays)
+    width = max(layer.length for layer in engines[0].session.target_cache.layers)
+    assert width < sum(len(o.words) for o in offline), "the cache was never compacted"
 
 
 def test_policy_protocol_and_errors(gpe):
@@ -145,3 +198,43 @@ def test_parse_message_accepts():
     start = parse_message('{"type": "start", "policy": "wait-k", "options": {"k": 2}}', 100)
     assert start.policy == "wait-k" and start.options == {"k": 2}
     assert parse_message('{"type": "end"}', 100).type == "end"
+
+
+def test_engine_shrinks_when_most_slots_are_free_and_sessions_carry_on(gpe):
+    model, tok = gpe
+    srcs = sources(9, seed=8)
+    offline = gpe_wait_k(model, tok, srcs, 2).outputs
+    pool = EnginePool(model, tok)
+    pols = [GpeWaitKPolicy(model, tok, 2, engines=pool) for _ in srcs]
+    items = {i: [] for i in range(len(srcs))}
+
+    def rounds(chosen):
+        for _ in range(1000):
+            results = {i: ([], None) for i in chosen}
+            run_round([(i, pols[i]) for i in chosen], results, 64)
+            for i, (got, error) in results.items():
+                assert error is None
+                items[i] += got
+            if not any(pols[i].next_step() for i in chosen):
+                return
+
+    for i, p in enumerate(pols):
+        p.push(srcs[i][:3])
+    rounds(range(9))
+    engine = pols[0].engine
+    assert engine.size == 16 and engine.live == 9
+    for i in range(6):  # six sessions end; their slots go back
+        pols[i].push(srcs[i][3:])
+        pols[i].push_end()
+    rounds(range(6))
+    for i in range(6):
+        pols[i].release()
+    assert engine.size == 8 and engine.live == 3  # live rows moved to the front, half the rows dropped
+    rows = [pols[i].row for i in range(6, 9)]
+    assert len(set(rows)) == 3 and max(rows) < 8
+    for i in range(6, 9):
+        pols[i].push(srcs[i][3:])
+        pols[i].push_end()
+    rounds(range(6, 9))
+    for out, got in zip(offline, items.values()):
+        assert collect(got) == (out.words, out.delays)

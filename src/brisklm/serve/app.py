@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from brisklm.serve.access import AccessControl
 from brisklm.serve.protocol import ERROR_CODES, ProtocolError, error_frame, parse_message
 from brisklm.serve.scheduler import Scheduler
 from brisklm.serve.sessions import Limits, ServerSession, SessionManager
@@ -57,7 +58,10 @@ def openapi_schema(limits: Limits) -> dict[str, Any]:
             '{"type":"start","policy":"wait-k","options":{"k":3}} (optional), {"type":"words","words":[...]} or '
             '{"type":"words","text":"..."}, {"type":"end"}. Server frames: ready, word {word,index,delay,latency_ms}, '
             "reason (reasoning units of thinker policies), ack {received}, done {words,delays,AL,...}, "
-            f"error {{code,message,fatal}}. Limits: {limits.max_sessions} sessions, {limits.max_source_words} "
+            f"error {{code,message,fatal}}. Raw text may also arrive in chunks: {{\"type\":\"text\",\"text\":\"...\"}} "
+            "(a word ends at whitespace or at end). With a server token, send 'Authorization: Bearer <token>' on "
+            "every request and on the WebSocket handshake (browsers: ?access_token=). "
+            f"Limits: {limits.max_sessions} sessions, {limits.max_source_words} "
             f"source words per session, {limits.max_message_bytes} bytes per frame.")},
         "paths": {
             "/health": {"get": {"summary": "Liveness, load and configuration", "responses": {"200": {
@@ -80,12 +84,18 @@ def openapi_schema(limits: Limits) -> dict[str, Any]:
 
 
 def create_app(model, tokenizer, *, policy: str = "wait-k", options: dict[str, Any] | None = None,
-               limits: Limits | None = None, batching: bool = True, model_name: str = "") -> Starlette:
-    """The ASGI app serving `model` with `policy`; run it with uvicorn (see serve/server.py)."""
+               limits: Limits | None = None, batching: bool = True, model_name: str = "",
+               instruction: str | None = None, token: str | None = None,
+               allow_origins: Sequence[str] = ()) -> AccessControl:
+    """The ASGI app serving `model` with `policy`; run it with uvicorn (see serve/server.py).
+
+    `tokenizer` may be a TextLayer (chat template / system prompt choices); `instruction` opens every source
+    group as in `brisk stream translate`; `token` / `allow_origins`: see serve/access.py."""
     limits = limits or Limits()
-    manager = SessionManager(model, tokenizer, policy, options or {}, limits)
+    manager = SessionManager(model, tokenizer, policy, options or {}, limits, instruction=instruction,
+                             batching=batching)
     state: dict[str, Any] = {"started": time.time()}
-    examples = example_sentences(tokenizer)
+    examples = example_sentences(manager.tokenizer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -185,6 +195,8 @@ def create_app(model, tokenizer, *, policy: str = "wait-k", options: dict[str, A
                         queue.put_nowait(ready(session))
                     if parsed.type == "words":
                         manager.accept_words(session, parsed.words)
+                    elif parsed.type == "text":
+                        manager.accept_text(session, parsed.text)
                     else:
                         manager.accept_end(session)
                     state["scheduler"].notify()
@@ -201,14 +213,14 @@ def create_app(model, tokenizer, *, policy: str = "wait-k", options: dict[str, A
                 manager.close(session)  # a client that leaves mid-stream frees its session
             await _drain(queue, send_task)
 
-    return Starlette(
+    return AccessControl(Starlette(
         routes=[
             Route("/", page), Route("/static/{name}", page), Route("/health", health), Route("/api/config", config),
             Route("/api/translate", translate, methods=["POST"]), Route("/openapi.json", openapi),
             WebSocketRoute("/ws", stream),
         ],
         lifespan=lifespan,
-    )
+    ), token=token, allow_origins=allow_origins)
 
 
 async def _drain(queue: asyncio.Queue, task: asyncio.Task) -> None:

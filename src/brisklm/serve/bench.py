@@ -1,4 +1,5 @@
-"""`brisk bench serve`: sessions/s and per-word latency of `brisk serve` on loopback vs the engine alone.
+"""`brisk bench serve`: sessions/s and per-word latency of `brisk serve` on loopback vs the engine alone, for
+wait-k (translate-gpe) and the entropy decision head (translate-proactive).
 
 At 1, 10 and 50 concurrent sessions, closed-loop clients stream test-split sources one word per message and
 wait for the server's ack (all writes that word allowed are done) before the next word. The baseline is the
@@ -23,6 +24,7 @@ from brisklm.eval.bench import BenchContext
 
 CONCURRENCY = (1, 10, 50)
 K = 3
+HEAD_THRESHOLD = 0.5  # the entropy head's default threshold (nats), as `brisk stream translate`
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -36,51 +38,54 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def engine_rounds(model, tokenizer, sources: Sequence[Sequence[str]], concurrency: int) -> dict[str, Any]:
-    """The engine alone: `concurrency` sessions at a time, one word each per round, steps batched per kind."""
-    from brisklm.serve.batching import run_batched
-    from brisklm.serve.policy import CLOSE, READ, WRITE, GpeWaitKPolicy
+def engine_rounds(model, tokenizer, sources: Sequence[Sequence[str]], concurrency: int, policy: str = "wait-k",
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The engine alone: `concurrency` sessions at a time on one slot engine, one word each per round, every
+    round's steps batched per kind exactly as the scheduler batches them (serve.scheduler.run_round)."""
+    from brisklm.core.text import TextLayer
+    from brisklm.serve.policy import make_policy
+    from brisklm.serve.scheduler import run_round
+    from brisklm.serve.slots import EnginePool
 
+    text = TextLayer.for_model(model, tokenizer)
+    pool = EnginePool(model, text)
+    options = {"k": K} if options is None and policy == "wait-k" else dict(options or {})
     word_ms: list[float] = []
     outputs: list[list[str]] = [[] for _ in sources]
     queue = list(range(len(sources)))
-    live: dict[int, tuple[GpeWaitKPolicy, int]] = {}
+    live: dict[int, list] = {}  # session -> [policy, words sent, items]
     start = time.perf_counter()
     for _ in range(100_000):  # bounded
         while queue and len(live) < concurrency:
             i = queue.pop(0)
-            live[i] = (GpeWaitKPolicy(model, tokenizer, K), 0)
+            live[i] = [make_policy(policy, model, text, engines=pool, **options), 0, []]
         if not live:
             break
         t0 = time.perf_counter()
-        for i, (policy, at) in list(live.items()):
+        for i, entry in live.items():
+            p, at = entry[0], entry[1]
             if at < len(sources[i]):
-                policy.push([sources[i][at]])
-            else:
-                policy.push_end()
-            live[i] = (policy, at + 1)
+                p.push([sources[i][at]])
+            elif at == len(sources[i]):
+                p.push_end()
+            entry[1] = at + 1
         for _ in range(10_000):
-            progressed = False
-            for phase in (READ, CLOSE, WRITE, "finish"):
-                group = [(i, p, st) for i, (p, _) in live.items() if (st := p.next_step()) is not None and st.kind == phase]
-                if not group:
-                    continue
-                progressed = True
-                if phase == "finish":
-                    for i, p, st in group:
-                        p.apply_step(st)
-                    continue
-                written = run_batched(phase, [p.engine for _, p, _ in group], [st.words for _, _, st in group])
-                for (i, p, st), word in zip(group, written):
-                    p.apply_step(st, word)
-            if not progressed:
+            if not any(entry[0].next_step() is not None for entry in live.values()):
                 break
+            results = {i: ([], None) for i in live}
+            run_round([(i, entry[0]) for i, entry in live.items()], results)
+            for i, (items, error) in results.items():
+                if error is not None:
+                    raise BriskError(f"engine baseline session {i} failed: {error['message']}")
+                live[i][2] += items
+            pool.compact()
         elapsed = (time.perf_counter() - t0) * 1000
-        for i, (policy, at) in list(live.items()):
-            if at <= len(sources[i]):
+        for i, entry in list(live.items()):
+            if entry[1] <= len(sources[i]):
                 word_ms.append(elapsed)  # this round answered one message of this session
-            if policy.finished:
-                outputs[i] = list(policy.engine.outputs[0].words)
+            if entry[0].finished:
+                outputs[i] = [item.text for item in entry[2] if item.kind == "word"]
+                entry[0].release()
                 del live[i]
     wall = time.perf_counter() - start
     return {"word_ms": word_ms, "wall_s": wall, "outputs": outputs}
@@ -91,7 +96,7 @@ class ServerProcess:
 
     def __init__(self, *extra: str) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "brisklm.cli", "serve", "--port", "0", "--k", str(K),
+        self.proc = subprocess.Popen([sys.executable, "-m", "brisklm.cli", "serve", "--port", "0",
                                       "--max-sessions", "256", *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         deadline = time.monotonic() + 300
@@ -148,28 +153,23 @@ def _figures(server: dict[str, Any], engine: dict[str, Any], n: int) -> dict[str
             "added_word_ms_p50": round(s50 - e50, 3), "added_word_ms_p99": round(s99 - e99, 3)}
 
 
-def bench(ctx: BenchContext) -> dict[str, Any]:
-    import torch
-
-    from brisklm.streaming.policies import gpe_wait_k
-    from brisklm.tasks import get_task
+def measure(ctx: BenchContext, model_name: str, policy: str, options: dict[str, Any], pool, reference,
+            server_args: Sequence[str]) -> dict[str, Any]:
+    """Server vs engine alone at 1/10/50 sessions (medians of repeats), and the unbatched server at 50."""
     from brisklm.zoo.store import load
 
-    torch.set_num_threads(1)
+    loaded = load(model_name)
     repeats = 1 if ctx.quick else 3
     per_level = {1: 4, 10: 20, 50: 50} if ctx.quick else {1: 12, 10: 40, 50: 100}
-    loaded = load("translate-gpe")
-    pool = [e.meta["source_words"] for e in get_task("translation").examples("test", max(per_level.values()), seed=ctx.seed)]
-    reference = gpe_wait_k(loaded.model, loaded.tokenizer, pool, K).outputs
     levels: dict[str, Any] = {}
     identical = True
-    server = ServerProcess()
+    server = ServerProcess("--model", model_name, "--policy", policy, *server_args)
     try:
-        for c in ctx.progress(CONCURRENCY, desc="serve bench"):
+        for c in ctx.progress(CONCURRENCY, desc=f"serve bench {policy}"):
             sources = pool[:per_level[c]]
             runs = []
             for _ in range(repeats):
-                engine = engine_rounds(loaded.model, loaded.tokenizer, sources, c)
+                engine = engine_rounds(loaded.model, loaded.tokenizer, sources, c, policy, options)
                 served = asyncio.run(_clients(server.ws_url, sources, c))
                 identical &= all(o == r.words for o, r in zip(served["outputs"], reference))
                 identical &= all(o == r.words for o, r in zip(engine["outputs"], reference))
@@ -177,7 +177,7 @@ def bench(ctx: BenchContext) -> dict[str, Any]:
             levels[str(c)] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     finally:
         server.close()
-    unbatched = ServerProcess("--no-batching")
+    unbatched = ServerProcess("--model", model_name, "--policy", policy, *server_args, "--no-batching")
     try:
         sources = pool[:per_level[50]]
         times = []
@@ -190,7 +190,7 @@ def bench(ctx: BenchContext) -> dict[str, Any]:
         unbatched.close()
     batched_rate = levels["50"]["server_sessions_per_s"]
     return {
-        "policy": f"wait-k k={K}", "model": "translate-gpe", "repeats": repeats,
+        "model": model_name, "repeats": repeats,
         "outputs_identical_to_offline": bool(identical),
         "concurrency": levels,
         "sessions_per_s": {c: levels[c]["server_sessions_per_s"] for c in levels},
@@ -198,6 +198,37 @@ def bench(ctx: BenchContext) -> dict[str, Any]:
         "added_word_ms_p99": {c: levels[c]["added_word_ms_p99"] for c in levels},
         "unbatched_server_sessions_per_s_at_50": round(unbatched_rate, 3),
         "batching_speedup_at_50": round(batched_rate / unbatched_rate, 3),
+    }
+
+
+def bench(ctx: BenchContext) -> dict[str, Any]:
+    import torch
+
+    from brisklm.streaming.policies import gpe_wait_k
+    from brisklm.streaming.proactive.heads import Head, adaptive_decode
+    from brisklm.streaming.proactive_zoo import proactive_task
+    from brisklm.tasks import get_task
+    from brisklm.zoo.store import load
+
+    torch.set_num_threads(1)
+    most = 50 if ctx.quick else 100
+    gpe = load("translate-gpe")
+    pool = [e.meta["source_words"] for e in get_task("translation").examples("test", most, seed=ctx.seed)]
+    reference = gpe_wait_k(gpe.model, gpe.tokenizer, pool, K).outputs
+    wait_k = measure(ctx, "translate-gpe", "wait-k", {"k": K}, pool, reference, ["--k", str(K)])
+    proactive = load("translate-proactive")
+    head_pool = [e.meta["source_words"] for e in proactive_task().examples("test", most, seed=ctx.seed)]
+    head_reference = adaptive_decode(proactive.model, proactive.tokenizer, head_pool, Head("entropy"),
+                                     HEAD_THRESHOLD).outputs
+    entropy = measure(ctx, "translate-proactive", "entropy", {"threshold": HEAD_THRESHOLD}, head_pool,
+                      head_reference, ["--threshold", str(HEAD_THRESHOLD)])
+    return {
+        "policy": f"wait-k k={K}", **wait_k,
+        "entropy_head": {"policy": f"entropy threshold={HEAD_THRESHOLD}", **entropy},
+        "before_slots": {"added_word_ms_p99_at_50": 396.75, "added_word_ms_p50_at_50": 150.535,
+                         "note": "wait-k with per-step cache stacking (serve/batching.py), 2026-11-27"},
         "note": ("closed-loop clients, one source word per message, latency = send -> ack; engine baseline = the "
-                 "same sessions in lock-step batched rounds without the server; loopback, server in a subprocess"),
+                 "same sessions in lock-step rounds on one slot engine (the same batched calls) without the server; "
+                 "loopback, server in a subprocess; the entropy head runs batched across sessions (slot policy). "
+                 "The machine (2 cores) was shared with other jobs while measuring: absolute figures are noisy."),
     }

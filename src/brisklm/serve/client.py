@@ -81,7 +81,63 @@ async def run_session(ws, words: Sequence[str], *, per_message: int = 1, start: 
     return result
 
 
-async def translate_over_ws(url: str, words: Sequence[str], **kwargs: Any) -> SessionResult:
-    """Open a connection, run one session, close."""
-    async with connect(url, open_timeout=30, close_timeout=5, max_size=2**22) as ws:
+async def translate_over_ws(url: str, words: Sequence[str], *, token: str | None = None,
+                            origin: str | None = None, **kwargs: Any) -> SessionResult:
+    """Open a connection (with a bearer token / an Origin header when given), run one session, close."""
+    async with connect(url, open_timeout=30, close_timeout=5, max_size=2**22, **connect_options(token, origin)) as ws:
         return await run_session(ws, words, **kwargs)
+
+
+def connect_options(token: str | None = None, origin: str | None = None) -> dict[str, Any]:
+    """`websockets.connect` keyword arguments for a bearer token and an Origin header."""
+    options: dict[str, Any] = {}
+    if token:
+        options["additional_headers"] = {"Authorization": f"Bearer {token}"}
+    if origin:
+        options["origin"] = origin
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m brisklm.serve.client --url ws://HOST:PORT/ws --text "..."`: stream the text one word per
+    message and print each target word with its delay as it arrives (token from --token or BRISK_SERVE_TOKEN)."""
+    import argparse
+    import sys
+
+    from brisklm.serve.access import resolve_token
+
+    parser = argparse.ArgumentParser(prog="python -m brisklm.serve.client", description=main.__doc__)
+    parser.add_argument("--url", required=True, help="the server's WebSocket URL, e.g. ws://127.0.0.1:8000/ws")
+    parser.add_argument("--text", default=None, help="source text (default: stdin)")
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--policy", default=None)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    from brisklm.serve.cli import parse_options
+
+    words = (args.text if args.text is not None else sys.stdin.read()).split()
+    start = {"policy": args.policy, "options": parse_options(args.option)} if args.policy or args.option else None
+    from websockets.exceptions import InvalidStatus
+
+    try:
+        result = asyncio.run(translate_over_ws(args.url, words, token=resolve_token(args.token), start=start,
+                                              timeout=120))
+    except InvalidStatus as error:
+        print(f"brisk: error: the server refused the connection (HTTP {error.response.status_code}): pass its "
+              "token with --token or BRISK_SERVE_TOKEN", file=sys.stderr)
+        return 1
+    for frame in result.frames:
+        if frame["type"] == "word":
+            print(f"{frame['word']}\tdelay={frame['delay']}\tlatency_ms={frame['latency_ms']}")
+        elif frame["type"] == "error":
+            print(f"brisk: error: {frame['code']}: {frame['message']}", file=sys.stderr)
+    final = result.final or {}
+    if final.get("type") != "done":
+        return 1
+    print(f"# {len(final['words'])} words from {final['source_words']} source words; AL {final.get('AL')}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

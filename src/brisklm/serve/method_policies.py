@@ -12,8 +12,9 @@ Imported by serve/policy.py (PLUGIN_MODULES); registers:
   the answer as the session's one target word (so `done.words == [answer]`). Options: depth (D1/D2/D3,
   default D2), mode (streaming/batch), max_unit_tokens, max_final_tokens.
 
-Both use the minimal protocol (on_words / on_end), so the scheduler runs them one session at a time (no
-batching across sessions). Latency is measured from the moment the engine thread takes the input.
+The heads are slot policies: their reads, closes and writes run batched with every other session of the same
+engine (wait-k sessions included), and each head's signal is computed once per batched write. The thinker
+still uses the minimal protocol (on_words / on_end): the scheduler runs it one session at a time.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from brisklm.core.text import word_ids
+from brisklm.core.text import as_text_layer, word_ids
 from brisklm.errors import BriskError
-from brisklm.serve.policy import Item, register_policy
+from brisklm.serve.policy import CLOSE, READ, WRITE, Item, SlotPolicy, Step, register_policy
 
 HEAD_POLICIES = ("entropy", "attention", "probe")
 DEFAULT_THRESHOLDS = {"entropy": 0.5, "attention": 0.3, "probe": 0.5}  # as `brisk stream translate`
@@ -77,108 +78,86 @@ def served_head(name: str, model):
 
 
 # ------------------------------------------------------------------------------------------------ decision heads
-class HeadPolicy:
-    """One stream decoded by a ProactiveLLM decision head: `live_decode` made resumable on arriving words.
+class HeadPolicy(SlotPolicy):
+    """One stream decoded by a ProactiveLLM decision head, batched with every other slot of its engine.
 
-    `live_decode` pulls one word ahead from its iterator to know whether the source goes on; here that look
-    ahead is the buffer of received words, and where the loop would block on it, the policy returns and
-    resumes on the next `on_words` / `on_end`. The order of reads, closes and writes is that of `live_decode`.
+    The rules are `live_decode`'s (same words and delays on word-level models): word j is not written before
+    min(j + min_lag - 1, n) source words are read; at each write the head's gate decides WRITE or READ (a READ
+    retracts the row, and the next source word - or the end marker - is read); the end markers are masked while
+    more source may come; after the source is closed the model always writes. `live_decode` peeks one word
+    ahead to know whether the source goes on: here that look-ahead is the buffer of received words, and where
+    it would block, the policy waits for the next message.
+
+    Subword models: the head decides at every written token (a READ mid-word retracts that token; the word's
+    delay stays the source words read at its first token), and min_lag counts words started.
     """
 
     def __init__(self, model, tokenizer, head, threshold: float, *, min_lag: int = 1, phi: int = 0,
-                 max_words: int = 256) -> None:
-        from brisklm.streaming.engine import StreamingSession
-
+                 max_words: int = 256, engines=None) -> None:
+        super().__init__(model, tokenizer, phi=phi, engines=engines)
         self.name = head.name
         self.head, self.threshold, self.min_lag, self.max_words = head, threshold, min_lag, max_words
-        self.tokenizer = tokenizer
-        self.session = StreamingSession(model, tokenizer, 1, phi=phi, record_attention=head.needs_attention)
-        self.buffer: list[str] = []  # received, not yet read by the model
-        self.ended = self.finished = False
-        self.received = 0
-        self.unlocked_at = 0.0
+        self.needs_attention = head.needs_attention
+        self.read_next = False  # the gate chose READ: the next step reads one word (or closes)
 
-    def check_words(self, words: Sequence[str]) -> None:
-        word_ids(self.tokenizer, list(words))  # raises naming unknown words / a subword tokenizer
+    def _read_one(self) -> Step | None:
+        more = self._more()
+        if more is None:
+            return None
+        return Step(READ, self.buffer[:1]) if more else Step(CLOSE)
 
-    def _more(self) -> bool | None:
-        """live_decode's `more()`: True/False once known, None while the next word (or the end) has not come."""
-        if self.buffer:
-            return True
-        return False if self.ended else None
-
-    def _read_one(self) -> None:
-        if self.buffer:
-            self.session.read([self.buffer.pop(0)])
-        else:
-            self.session.close()
-
-    def _gate(self, s, logits) -> list[bool]:
-        return [s.closed[0] or self.head.writes(self.head.signal(s, logits), self.threshold)[0]]
-
-    def _drain(self) -> list[Item]:
-        """Run live_decode's loop until it needs input that has not arrived, or the stream is done."""
-        from brisklm.streaming.policies import target_limit
-
-        s, out, items = self.session, self.session.outputs[0], []
-        while not s.done[0]:
-            while not s.closed[0] and s.words_read(0) < len(out.words) + self.min_lag:
-                more = self._more()
-                if more is None:
-                    return items
-                if not more:
-                    break
-                self._read_one()
+    def decide(self) -> Step | None:
+        s, b = self.engine.session, self.row
+        if self.read_next and not s.closed[b]:
+            return self._read_one()
+        if not s.closed[b] and s.words_read(b) < s.words_started(b) + self.min_lag:
             more = self._more()
             if more is None:
-                return items
-            before = len(out.words)
-            s.write(gate=self._gate, forbid_early_end=[more])
-            if len(out.words) > before:
-                items.append(Item("word", out.words[-1], out.delays[-1], len(out.words), self.unlocked_at))
-            elif s.wants_read[0] and not s.closed[0]:
-                self._read_one()  # `more` is still valid: nothing was taken from the buffer since
-            if not s.done[0] and len(out.words) >= min(self.max_words, target_limit(s.words_read(0))):
-                s.done[0], out.truncated = True, True
-        if not self.finished:
-            self.finished = True
-            out.source_words = s.words_read(0)
-            items.append(Item("end", out.text, out.delays[-1] if out.delays else s.words_read(0), len(out.words),
-                              self.unlocked_at, {"truncated": out.truncated}))
-        return items
+                return None
+            if more:
+                return Step(READ, self.buffer[:1])
+        if self._more() is None:
+            return None
+        return Step(WRITE)
 
-    def on_words(self, words: Sequence[str]) -> list[Item]:
-        if self.ended:
-            raise BriskError("the source already ended: send no words after 'end'")
-        self.check_words(words)
-        self.unlocked_at = time.perf_counter()
-        self.buffer += list(words)
-        self.received += len(words)
-        return self._drain()
+    def forbid_end(self) -> bool:
+        return bool(self._more())
 
-    def on_end(self) -> list[Item]:
-        if self.ended:
-            raise BriskError("the source already ended: send 'end' once")
-        if self.received == 0:
-            raise BriskError("the source is empty: send at least one word before 'end'")
-        self.ended, self.unlocked_at = True, time.perf_counter()
-        return self._drain()
+    def allow(self, session, logits, signals: dict) -> bool:
+        b = self.row
+        if session.closed[b]:
+            return True
+        key = (self.head.name, id(self.head.probe))
+        if key not in signals:  # one signal computation per batched write and head kind
+            signals[key] = self.head.signal(session, logits)
+        return self.head.writes(signals[key][b:b + 1], self.threshold)[0]
 
-    def memory_bytes(self) -> int:
-        return self.session.source_cache.nbytes() + self.session.target_cache.nbytes()
+    def apply_step(self, step: Step) -> list[Item]:
+        if step.kind in (READ, CLOSE):
+            self.read_next = False
+        return super().apply_step(step)
+
+    def after_write(self) -> None:
+        from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, target_limit
+
+        s, b = self.engine.session, self.row
+        self.read_next = bool(s.wants_read[b]) and not s.closed[b]
+        cap = min(self.max_words, target_limit(s.words_read(b)))
+        if not s.done[b] and (len(s.outputs[b].words) >= cap or len(s.written[b]) >= MAX_TOKENS_PER_WORD * cap):
+            s.stop(b)
 
 
 def _head_factory(name: str):
     known = ("threshold", "min_lag", "phi", "max_words")
 
     def factory(model, tokenizer, threshold: Any = None, min_lag: Any = 1, phi: Any = 0, max_words: Any = 256,
-                **unused: Any) -> HeadPolicy:
+                engines=None, **unused: Any) -> HeadPolicy:
         _reject_unknown(name, unused, known)
         value = DEFAULT_THRESHOLDS[name] if threshold is None else _number("threshold", threshold, name)
         return HeadPolicy(model, tokenizer, served_head(name, model), value,
                           min_lag=_positive_int("min_lag", min_lag, name),
                           phi=_positive_int("phi", phi, name, minimum=0),
-                          max_words=_positive_int("max_words", max_words, name))
+                          max_words=_positive_int("max_words", max_words, name), engines=engines)
 
     return factory
 
@@ -257,11 +236,11 @@ class ThinkerPolicy:
 
 
 def _thinker_factory(model, tokenizer, depth: Any = "D2", mode: Any = "streaming", max_unit_tokens: Any = 12,
-                     max_final_tokens: Any = 64, **unused: Any) -> ThinkerPolicy:
+                     max_final_tokens: Any = 64, engines=None, **unused: Any) -> ThinkerPolicy:
     _reject_unknown("thinker", unused, ("depth", "mode", "max_unit_tokens", "max_final_tokens"))
     if not isinstance(depth, str) or not isinstance(mode, str):
         raise BriskError("policy thinker options depth and mode must be strings (e.g. depth D2, mode streaming)")
-    return ThinkerPolicy(model, tokenizer, depth, mode, _positive_int("max_unit_tokens", max_unit_tokens, "thinker"),
+    return ThinkerPolicy(model, as_text_layer(tokenizer).tokenizer, depth, mode, _positive_int("max_unit_tokens", max_unit_tokens, "thinker"),
                          _positive_int("max_final_tokens", max_final_tokens, "thinker"))
 
 

@@ -3,6 +3,8 @@
 Client -> server (JSON text frames):
   {"type": "start", "policy": "wait-k", "options": {"k": 3}}   optional; opens a session with these settings
   {"type": "words", "words": ["a", "b"]}  or  {"type": "words", "text": "a b"}   source words as they arrive
+  {"type": "text", "text": "Hel"}, {"type": "text", "text": "lo wor"}          raw text chunks: a word ends at
+                                                                whitespace (or at 'end'), so it may span chunks
   {"type": "end"}                                               the source is complete
 Server -> client:
   ready {session, policy, options, limits} | word {word, index, delay, latency_ms} | reason {text, delay, ...}
@@ -16,13 +18,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-CLIENT_TYPES = ("start", "words", "end")
+CLIENT_TYPES = ("start", "words", "text", "end")
 ERROR_CODES = {
     "malformed": "the frame is not a valid message (see the schema)",
     "oversized": "the frame or the session's source is larger than the server's limit",
     "unknown_word": "a source word is not in the model's vocabulary",
     "bad_state": "the message does not fit the session's state (e.g. words after end)",
     "bad_options": "the start message asks for an unknown policy or invalid options",
+    "empty_source": "the source ended before any word arrived",
     "too_many_sessions": "the server is at its session limit; retry later",
     "time_limit": "the session ran longer than the server allows",
     "memory_limit": "the session's model state grew past the server's limit",
@@ -44,6 +47,7 @@ class ClientMessage:
 
     type: str
     words: list[str] = field(default_factory=list)
+    text: str = ""
     policy: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -75,6 +79,10 @@ def parse_message(raw: str | bytes, max_bytes: int, max_word_chars: int = 64) ->
         return ClientMessage("start", policy=policy, options=options)
     if kind == "end":
         return ClientMessage("end")
+    if kind == "text":
+        if set(data) - {"type", "text"} or not isinstance(data.get("text"), str):
+            raise ProtocolError("malformed", 'a \'text\' message is {"type": "text", "text": "a chunk of text"}')
+        return ClientMessage("text", text=data["text"])
     if ("words" in data) == ("text" in data):
         raise ProtocolError("malformed", "a 'words' message needs exactly one of 'words' (list) or 'text' (string)")
     if "text" in data:

@@ -1,9 +1,10 @@
 """The engine scheduler: one worker thread runs the pending steps of all sessions, batched by step kind.
 
 The asyncio loop (WebSocket handlers) only queues input in session inboxes. Between engine ticks the
-scheduler hands that input to the policies, then runs one tick in the worker thread: every stepping
-session's pending reads as one batched call, then closes, then writes (serve/batching.py); policies
-without the stepping interface get their `on_words` / `on_end` called one by one. A failure inside one
+scheduler hands that input to the policies, then runs one tick in the worker thread: new sessions take their
+slots, then every slot policy's pending reads run as one call per engine, then closes, then writes
+(serve/slots.py: persistent batch slots, nothing re-padded per step); policies without the slot interface
+get their `on_words` / `on_end` called one by one. Slots of closed sessions are given back between ticks. A failure inside one
 session becomes an error frame for that session only.
 """
 
@@ -17,12 +18,61 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from brisklm.errors import BriskError
-from brisklm.serve.batching import run_batched
-from brisklm.serve.policy import CLOSE, READ, WRITE, Item, is_stepping
+from brisklm.serve.policy import CLOSE, FINISH, JOIN, READ, WRITE, Item, combined_gate, is_stepping
 from brisklm.serve.protocol import error_frame, item_frame
 from brisklm.serve.sessions import ServerSession, SessionManager, summary
 
-PHASES = (READ, CLOSE, WRITE, "finish")
+PHASES = (JOIN, READ, CLOSE, WRITE, FINISH)
+
+
+def run_round(pairs, results: dict, max_batch: int = 64, batch_sizes: Counter | None = None) -> int:
+    """One round of steps for (key, SlotPolicy) pairs: joins, then each kind (read, close, write) as one call
+    per engine (at most max_batch slots per call), then finishes. Items and error frames go to results[key]
+    ((items, error) pairs; a key with an error takes no more steps). Returns the number of engine calls."""
+    calls = 0
+    for phase in PHASES:
+        groups: dict[int, list] = {}
+        for key, policy in pairs:
+            if results[key][1] is not None:
+                continue
+            step = policy.next_step()
+            if step is not None and step.kind == phase:
+                groups.setdefault(id(policy.engine), []).append((key, policy, step))
+        for group in groups.values():
+            if phase in (JOIN, FINISH):
+                for key, policy, step in group:
+                    results[key][0].extend(policy.run_step(step))
+                continue
+            for at in range(0, len(group), max_batch):
+                calls += _run_group(phase, group[at:at + max_batch], results)
+                if batch_sizes is not None:
+                    batch_sizes[len(group[at:at + max_batch])] += 1
+    return calls
+
+
+def _run_group(phase: str, group, results) -> int:
+    """One batched engine call over the slots of one engine; a failure fails that call's sessions only."""
+    engine = group[0][1].engine
+    try:
+        if phase == READ:
+            engine.read({p.slot: st.words for _, p, st in group})
+        elif phase == CLOSE:
+            engine.close([p.slot for _, p, _ in group])
+        else:
+            engine.write([p.slot for _, p, _ in group], gate=combined_gate([p for _, p, _ in group]),
+                         forbid_early_end={p.slot: p.forbid_end() for _, p, _ in group},
+                         record_attention=any(p.needs_attention for _, p, _ in group))
+    except Exception:  # noqa: BLE001 - an engine failure: the sessions of this call end with an error
+        err = traceback.format_exc(limit=1).strip().splitlines()[-1]
+        for key, _, _ in group:
+            results[key] = (results[key][0], error_frame("internal", err, fatal=True))
+        return 0
+    for key, policy, step in group:
+        try:
+            results[key][0].extend(policy.apply_step(step))
+        except Exception as error:  # noqa: BLE001 - isolate the session
+            results[key] = (results[key][0], error_frame("internal", f"{type(error).__name__}: {error}", True))
+    return 1
 
 
 class Scheduler:
@@ -79,6 +129,7 @@ class Scheduler:
                 if not work:
                     break
                 work = await self._gather_more(work)
+                self.manager.release_slots()  # no tick is running: safe to give rows back
                 jobs = [(s, s.policy, s.inbox[:]) for s in work]
                 for s in work:
                     s.inbox.clear()
@@ -133,24 +184,10 @@ class Scheduler:
                 results[s.id] = (results[s.id][0], error_frame("bad_state", str(error), fatal=True))
             except Exception as error:  # noqa: BLE001 - isolate the session
                 results[s.id] = (results[s.id][0], error_frame("internal", f"{type(error).__name__}: {error}", True))
-        stepping = [(s, p) for s, p, _ in jobs if is_stepping(p)]
-        for phase in PHASES:
-            group = []
-            for s, policy in stepping:
-                if results[s.id][1] is not None:
-                    continue
-                step = policy.next_step()
-                if step is not None and step.kind == phase:
-                    group.append((s, policy, step))
-            if not group:
-                continue
-            if phase == "finish":
-                for s, policy, step in group:
-                    results[s.id][0].extend(policy.apply_step(step))
-                continue
-            size = self.manager.limits.max_batch if self.batching else 1
-            for at in range(0, len(group), size):
-                self._run_group(phase, group[at:at + size], results)
+        stepping = [(s.id, p) for s, p, _ in jobs if is_stepping(p)]
+        size = self.manager.limits.max_batch if self.batching else 1
+        self.engine_calls += run_round(stepping, results, size, self.batch_sizes)
+        self.manager.engines.compact()
         elapsed = time.perf_counter() - start
         self.tick_seconds += elapsed
         per = elapsed / max(len(jobs), 1)
@@ -158,24 +195,6 @@ class Scheduler:
             s.engine_seconds += per
         self.ticks += 1
         return results
-
-    def _run_group(self, phase: str, group, results) -> None:
-        """One batched engine call; if it fails, retry each session alone so only the faulty one errs."""
-        try:
-            written = run_batched(phase, [p.engine for _, p, _ in group], [st.words for _, _, st in group])
-        except Exception:  # noqa: BLE001
-            if len(group) == 1:
-                s = group[0][0]
-                err = traceback.format_exc(limit=1).strip().splitlines()[-1]
-                results[s.id] = (results[s.id][0], error_frame("internal", err, fatal=True))
-                return
-            for one in group:
-                self._run_group(phase, [one], results)
-            return
-        self.engine_calls += 1
-        self.batch_sizes[len(group)] += 1
-        for (s, policy, step), word in zip(group, written):
-            results[s.id][0].extend(policy.apply_step(step, word))
 
     # ------------------------------------------------------------------------------------------ delivery
     def _deliver(self, work: list[ServerSession], results) -> None:

@@ -8,10 +8,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from brisklm.core.text import TextLayer
 from brisklm.errors import BriskError
 from brisklm.eval.latency import average_lagging
 from brisklm.serve.policy import Item, SessionPolicy, is_stepping, make_policy
 from brisklm.serve.protocol import ProtocolError
+from brisklm.serve.slots import EnginePool
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ServerSession:
     finished: bool = False
     closed: bool = False
     engine_seconds: float = 0.0
+    text_tail: str = ""  # the unfinished last word of chunked text
 
     @property
     def stepping(self) -> bool:
@@ -64,15 +67,21 @@ class ServerSession:
 class SessionManager:
     """Creates and frees sessions under `Limits`; the scheduler only sees sessions registered here."""
 
-    def __init__(self, model, tokenizer, policy: str, options: dict[str, Any], limits: Limits) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, policy: str, options: dict[str, Any], limits: Limits,
+                 instruction: str | None = None, batching: bool = True) -> None:
+        self.model = model
+        self.text = tokenizer if isinstance(tokenizer, TextLayer) else TextLayer.for_model(model, tokenizer)
+        self.tokenizer = self.text.tokenizer
         self.default_policy, self.default_options = policy, dict(options)
         self.limits = limits.check()
         self.sessions: dict[str, ServerSession] = {}
         self._ids = itertools.count(1)
         self.created = 0
         self.completed = 0
-        make_policy(policy, model, tokenizer, **options)  # fail at start-up on a bad policy or options
+        self.engines = EnginePool(model, self.text, instruction, max_rows=self.limits.max_batch)
+        self.batching = batching  # False: every session gets an engine of its own (the unbatched baseline)
+        self._releases: list[Any] = []  # policies of closed sessions whose slots go back before the next tick
+        make_policy(policy, model, self.text, **options)  # fail at start-up on a bad policy or options
 
     def open(self, policy: str | None = None, options: dict[str, Any] | None = None,
              outbox: asyncio.Queue | None = None) -> ServerSession:
@@ -83,7 +92,8 @@ class SessionManager:
         name = policy or self.default_policy
         opts = {**self.default_options, **(options or {})} if name == self.default_policy else dict(options or {})
         try:
-            instance = make_policy(name, self.model, self.tokenizer, **opts)
+            engines = self.engines if self.batching else EnginePool(self.model, self.text, self.engines.instruction)
+            instance = make_policy(name, self.model, self.text, engines=engines, **opts)
         except (BriskError, TypeError) as error:
             raise ProtocolError("bad_options", str(error)) from None
         session = ServerSession(f"s{next(self._ids)}", instance, name, opts,
@@ -101,7 +111,7 @@ class SessionManager:
                                 f"the limit is {self.limits.max_source_words}: split the input into sessions")
         try:
             session.policy.check_words(words)
-        except BriskError as error:
+        except BriskError as error:  # e.g. text the tokenizer can only encode as its unknown token
             raise ProtocolError("unknown_word", str(error)) from None
         session.inbox.append(("words", words, time.perf_counter()))
         session.received += len(words)
@@ -109,8 +119,9 @@ class SessionManager:
     def accept_end(self, session: ServerSession) -> None:
         if session.ended:
             raise ProtocolError("bad_state", "the source already ended: send 'end' once")
+        self.flush_text(session)
         if session.received == 0:
-            raise ProtocolError("bad_state", "the source is empty: send at least one word before 'end'")
+            raise ProtocolError("empty_source", "the source is empty: send at least one word before 'end'")
         session.inbox.append(("end", [], time.perf_counter()))
         session.ended = True
 
@@ -126,12 +137,39 @@ class SessionManager:
                                  f"{self.limits.max_memory_bytes}", fatal=True)
         return None
 
+    def accept_text(self, session: ServerSession, text: str) -> None:
+        """A chunk of raw text: words end at whitespace, so a word split across chunks is held until it ends
+        (at the next whitespace, or at 'end')."""
+        joined = session.text_tail + text
+        parts = joined.split()
+        tail = "" if not parts or joined[-1:].isspace() else parts.pop()
+        if parts:
+            self.accept_words(session, parts)
+        if len(tail) > 64:
+            raise ProtocolError("oversized", f"a word of over 64 characters ({tail[:16]!r}...) has no end: "
+                                "separate words with whitespace")
+        session.text_tail = tail
+
+    def flush_text(self, session: ServerSession) -> None:
+        """At 'end': the held last word of a chunked text, if any."""
+        if session.text_tail:
+            tail, session.text_tail = session.text_tail, ""
+            self.accept_words(session, [tail])
+
     def close(self, session: ServerSession) -> None:
-        """Forget a session (finished, failed or disconnected) so its caches can be freed."""
+        """Forget a session (finished, failed or disconnected); its slot goes back before the next engine tick."""
         session.closed = True
         if self.sessions.pop(session.id, None) is not None and session.finished:
             self.completed += 1
+        if hasattr(session.policy, "release"):
+            self._releases.append(session.policy)
         session.policy = _Freed()
+
+    def release_slots(self) -> None:
+        """Give the slots of closed sessions back (call only while no engine tick runs)."""
+        releases, self._releases = self._releases, []
+        for policy in releases:
+            policy.release()
 
 
 class _Freed:

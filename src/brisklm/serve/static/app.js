@@ -2,6 +2,8 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let ws = null, timer = null, sent = [], latencies = [], examples = [], exampleAt = 0;
+// a server started with --token: open the page as http://HOST:PORT/#token=TOKEN (the hash never leaves the browser)
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
 
 function setStatus(text, isError) {
   $("status").textContent = text;
@@ -72,7 +74,8 @@ function start() {
   $("src-count").textContent = ""; $("tgt-count").textContent = "";
   sent = []; latencies = [];
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  ws = new WebSocket(`${proto}://${location.host}/ws`);
+  const query = token ? `?access_token=${encodeURIComponent(token)}` : "";
+  ws = new WebSocket(`${proto}://${location.host}/ws${query}`);
   $("start").disabled = true; $("stop").disabled = false;
   ws.onmessage = (event) => onFrame(JSON.parse(event.data));
   ws.onerror = () => setStatus("connection error", true);
@@ -105,7 +108,7 @@ async function init() {
     if (examples.length) { $("source").value = examples[exampleAt % examples.length]; exampleAt += 1; }
   };
   try {
-    const config = await (await fetch("/api/config")).json();
+    const config = await (await fetch("/api/config", token ? {headers: {Authorization: `Bearer ${token}`}} : {})).json();
     examples = config.examples || [];
     if (config.options && config.options.k) $("k").value = config.options.k;
     $("server-info").textContent = `model ${config.model} · policy ${config.policy} · up to ${config.limits.max_sessions} sessions`;
