@@ -9,7 +9,9 @@ made (the later tokens of a word are mostly determined by its first one and woul
 
 This matches the training mask exactly (GPE's one-row shift on token rows): the rows that predict a word's
 continuation tokens see what its first token saw, and the row that predicts the first token of word j sees
-the schedule's g(j). The header's rows see one source word (the decoder's first write comes after min_lag = 1
+the schedule's g(j). One corner differs from training: when a READ at a word start is followed by a token that
+continues the open word (the new source changed the model's mind), the rest of that word sees the new source;
+its delay stays that of its first token. The header's rows see one source word (the decoder's first write comes after min_lag = 1
 read). Tests check: on a word-level model the decoder equals `heads.adaptive_decode` word for word; on subword
 fixtures the incremental logits equal one full masked pass of the schedule the decoder took.
 """
@@ -163,13 +165,14 @@ class _Source:
 @dataclass
 class HeadDecodeResult:
     """Outputs, action traces ('R' read, 'W' a word started), cost, and for each word the source segments its
-    first token saw (what a full masked pass of the same schedule needs)."""
+    first token saw, and per accepted write the segments its row saw (what a full masked pass needs)."""
 
     outputs: list[StreamOutput]
     forward_tokens: int
     actions: list[str]
     segments_seen: list[list[int]] = field(default_factory=list)
     written: list[list[int]] = field(default_factory=list)
+    row_segments_seen: list[list[int]] = field(default_factory=list)  # per accepted write: source segments its row saw
 
     @property
     def hypotheses(self) -> list[str]:
@@ -212,6 +215,7 @@ def head_decode(model, text: TextLayer, sources: Sequence[Iterable[str]], head: 
                                instruction=instruction)
     traces: list[list[str]] = [[] for _ in streams]
     seen: list[list[int]] = [[] for _ in streams]
+    row_seen: list[list[int]] = [[] for _ in streams]
     if keep_logits:
         for out in session.outputs:
             out.logits = []  # type: ignore[assignment]
@@ -250,8 +254,10 @@ def head_decode(model, text: TextLayer, sources: Sequence[Iterable[str]], head: 
             if session.words_started(b) > started[b]:
                 traces[b].append("W")
                 seen[b].append(segments[b])
-            if keep_logits and (len(session.written[b]) > tokens[b] or (session.done[b] and not done[b])):
-                session.outputs[b].logits.append(session.last_logits[b].clone())  # an accepted write's row
+            if len(session.written[b]) > tokens[b] or (session.done[b] and not done[b]):  # an accepted write
+                row_seen[b].append(segments[b])
+                if keep_logits:
+                    session.outputs[b].logits.append(session.last_logits[b].clone())
             if session.done[b]:
                 continue
             if session.wants_read[b]:
@@ -274,4 +280,4 @@ def head_decode(model, text: TextLayer, sources: Sequence[Iterable[str]], head: 
     for b, src in enumerate(streams):
         session.outputs[b].source_words = session.words_read(b)
     return HeadDecodeResult(session.outputs, session.forward_tokens, ["".join(t) for t in traces], seen,
-                            [list(w) for w in session.written])
+                            [list(w) for w in session.written], row_seen)
