@@ -7,13 +7,13 @@ split by a read, its delay (source words read when its first token was written) 
 approved, and entropy is measured once per word, at its first token, where the choice of the next word is
 made (the later tokens of a word are mostly determined by its first one and would read as spuriously certain).
 
-This matches the training mask exactly (GPE's one-row shift on token rows): the rows that predict a word's
-continuation tokens see what its first token saw, and the row that predicts the first token of word j sees
-the schedule's g(j). One corner differs from training: when a READ at a word start is followed by a token that
-continues the open word (the new source changed the model's mind), the rest of that word sees the new source;
-its delay stays that of its first token. The header's rows see one source word (the decoder's first write comes after min_lag = 1
-read). Tests check: on a word-level model the decoder equals `heads.adaptive_decode` word for word; on subword
-fixtures the incremental logits equal one full masked pass of the schedule the decoder took.
+This matches the training mask (GPE's one-row shift on token rows): the rows that predict a word's continuation
+tokens see what its first token saw, and the row that predicts the first token of word j sees the schedule's
+g(j). One corner differs: when a READ at a word start is followed by a token that continues the open word (the
+new source changed the model's mind), the rest of that word sees the new source; its delay stays that of its
+first token. The header's rows see one source word (the decoder's first write comes after min_lag = 1 read).
+Tests check: on a word-level model the decoder equals `heads.adaptive_decode` word for word; on subword
+fixtures the incremental logits equal one full masked pass of the visibility the decoder used.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from transformers import Trainer
 
 from brisklm.core import MatrixVisibility, Plan, execute
 from brisklm.core.device import model_device, to_device
 from brisklm.core.text import TextLayer
 from brisklm.errors import BriskError
 from brisklm.streaming.engine import StreamingSession, StreamOutput
-from brisklm.streaming.gpe import IGNORE, StreamLayout, build_layout, stream_frame
+from brisklm.streaming.gpe import StreamLayout, build_layout, stream_frame
 from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, target_limit
 from brisklm.streaming.proactive.heads import Head, SufficiencyData, entropy_of, newest_mass
 from brisklm.streaming.proactive.train import ProactiveTrainer, ScheduleOptions, collate_views, sample_schedule
@@ -92,7 +91,7 @@ def sufficiency_data_text(model, text: TextLayer, examples: Sequence[Example], s
     predicted with the source still open; label 1 = the partial view's argmax equals the full view's."""
     schedule = schedule or ScheduleOptions(k_min=1, k_max=4, p_extra=0.3, p_full=0.0)
     collator = TextProactiveCollator(text, schedule, seed=seed, instruction=instruction)
-    ends = sorted(collator_ends(text, instruction))
+    ends = sorted(stream_frame(text, instruction).ends)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("hidden", "entropy", "attention", "label", "lag")}
     features = stream_features(examples)
     for start in range(0, len(features), batch_size):
@@ -106,7 +105,7 @@ def sufficiency_data_text(model, text: TextLayer, examples: Sequence[Example], s
         width = batch["input_ids"].shape[1]
         key_segment = torch.full((len(layouts), width), -1, dtype=torch.long)
         is_source = torch.zeros(len(layouts), width, dtype=torch.bool)
-        word_of_row = torch.zeros(len(layouts), width, dtype=torch.long)  # target word j (1..m) whose first token the row predicts
+        word_of_row = torch.zeros(len(layouts), width, dtype=torch.long)  # j: the row predicts word j's first token
         n_words = torch.zeros(len(layouts), 1, dtype=torch.long)
         for b, x in enumerate(layouts):
             segs = x.source_segment_of_tokens()
@@ -134,11 +133,6 @@ def sufficiency_data_text(model, text: TextLayer, examples: Sequence[Example], s
         parts["label"].append((masked.argmax(-1) == teacher.float().argmax(-1))[keep].float())
         parts["lag"].append((sees - (word_of_row - 1))[keep].float())
     return SufficiencyData(**{k: torch.cat(v).cpu() for k, v in parts.items()})
-
-
-def collator_ends(text: TextLayer, instruction: str | None = None) -> frozenset[int]:
-    """Every id that ends a written target in this frame."""
-    return stream_frame(text, instruction).ends
 
 
 # ------------------------------------------------------------------------------------------------ decoding
