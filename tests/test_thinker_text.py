@@ -166,3 +166,46 @@ def test_cli_bad_input_is_one_line(fixture_checkpoints, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("brisk: error")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_make_units_keeps_only_examples_the_teacher_answers_correctly(fixture_checkpoints, tmp_path, capsys,
+                                                                      monkeypatch):
+    import brisklm.streaming.thinker.units as units_module
+
+    def teacher(model, text, prompts, max_new_tokens):  # a stub teacher: right about the cat, wrong about Bob
+        if "Reasoning so far" in prompts[0]:
+            return ["It went outside.\nAnswer: Garden." if "cat" in prompts[0] else "Answer: Ann"]
+        return [f"Note: {p.split(chr(34))[1]}\nmore text" for p in prompts]
+
+    monkeypatch.setattr(units_module, "generate_texts", teacher)
+    rows = [{"question": "Where is the cat?", "context": ["The cat sat in the kitchen.", "Then it went out."],
+             "answer": "garden"},
+            {"question": "Who won?", "context": ["Ann ran fast.", "Bob ran faster."], "answer": "Bob"}, ROWS[2]]
+    data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["think", "make-units", "--teacher", str(fixture_checkpoints("qwen2")), "--data", str(data),
+                 "--out", str(out)]) == 0
+    assert "kept 2 of 3" in capsys.readouterr().out
+    kept = read_thinker_data(out)
+    assert [e.question for e in kept] == ["Where is the cat?", "Who won?"]  # Bob's teacher answer was wrong
+    assert kept[0].units == ["Note: The cat sat in the kitchen.", "Note: Then it went out."]
+    assert kept[0].final == "It went outside." and kept[1].units == ROWS[2]["units"]  # given units pass through
+
+
+def test_teacher_generation_is_batched_exactly(fixture_checkpoints):
+    from brisklm.streaming.thinker.units import generate_texts
+
+    loaded = load(str(fixture_checkpoints("llama3")))
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer)
+    prompts = ["Where is the cat?", "A much longer prompt about the cat in the kitchen and the garden"]
+    assert generate_texts(loaded.model, text, prompts, 5) == [generate_texts(loaded.model, text, [p], 5)[0]
+                                                              for p in prompts]
+
+
+def test_make_units_with_a_random_teacher_is_one_error_line(fixture_checkpoints, tmp_path, capsys):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"question": "Where is the cat?", "context": ["It sat."], "answer": "mat"}) + "\n")
+    assert main(["think", "make-units", "--teacher", str(fixture_checkpoints("gemma2")), "--data", str(data),
+                 "--out", str(tmp_path / "o.jsonl"), "--max-unit-tokens", "3", "--max-final-tokens", "3"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("brisk: error")]
+    assert len(errors) == 1 and "quality check" in errors[0]

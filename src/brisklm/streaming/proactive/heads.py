@@ -135,7 +135,7 @@ class Head:
             with torch.no_grad():
                 return self.probe.score(session.last_hidden)
         if self.name == "lag":
-            return torch.tensor([float(session.words_read(b) - len(session.outputs[b].words))
+            return torch.tensor([float(session.words_read(b) - session.words_started(b))  # (= words written, word-level)
                                  for b in range(session.batch_size)])
         records = [r for r in session.last_attention if r is not None]
         if not records:

@@ -20,7 +20,7 @@ from brisklm.tasks.streaming_arithmetic import FACT_END
 
 
 # What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
-CHECKPOINT_SUPPORT = {"think": causal_lm_only, "think train": causal_lm_only}
+CHECKPOINT_SUPPORT = {"think": causal_lm_only, "think train": causal_lm_only, "think make-units": causal_lm_only}
 
 
 def sentences(lines: Iterable[str]) -> Iterator[str]:
@@ -164,6 +164,32 @@ def cmd_think_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_units(args: argparse.Namespace) -> int:
+    """Teacher-written units for examples without them, kept when the teacher's answer is correct."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from brisklm.core.text import TextLayer
+    from brisklm.streaming.thinker.text import read_thinker_data
+    from brisklm.streaming.thinker.units import example_row, make_units
+    from brisklm.zoo.store import load
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.force:
+        raise BriskError(f"{out} exists: pass another --out or --force to overwrite")
+    examples = read_thinker_data(args.data)
+    torch.set_num_threads(args.threads)
+    loaded = load(args.teacher, **device_kwargs(args))
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
+    kept, dropped = make_units(loaded.model, text, examples, args.max_unit_tokens, args.max_final_tokens)
+    out.write_text("".join(json.dumps(example_row(e)) + "\n" for e in kept), encoding="utf-8")
+    print(f"kept {len(kept)} of {len(examples)} examples in {out}"
+          + (f"; dropped (teacher's answer wrong): {', '.join(dropped)}" if dropped else ""))
+    return 0
+
+
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("think", help="StreamingThinker: read a question and facts from stdin, reason while reading")
     p.add_argument("--model", default="streaming-thinker", help="zoo name or checkpoint folder (a thinker model)")
@@ -193,3 +219,15 @@ def add_commands(subparsers) -> None:
     add_text_args(t)
     add_device_args(t, training=True)
     t.set_defaults(func=cmd_think_train)
+    m = sub.add_parser("make-units", help="write reasoning units for examples without them with a teacher "
+                                          "checkpoint; keep an example only if the teacher's answer is correct")
+    m.add_argument("--teacher", required=True, help="zoo name or checkpoint folder of the teacher model")
+    m.add_argument("--data", required=True, help="JSONL: question, context, answer (units optional)")
+    m.add_argument("--out", required=True, help="JSONL file for the kept examples, with units (input of think train)")
+    m.add_argument("--max-unit-tokens", type=int, default=48)
+    m.add_argument("--max-final-tokens", type=int, default=96)
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--force", action="store_true", help="overwrite --out")
+    add_text_args(m)
+    add_device_args(m)
+    m.set_defaults(func=cmd_make_units)

@@ -22,7 +22,8 @@ feeds every row with exactly that visibility, so it equals one full masked pass 
 batched or not.
 
 Units absent: `brisk think` needs none (the model writes them); training refuses such an example with a
-one-line error that names the line and the fix (brisk does not generate units with a teacher model).
+one-line error that names the line and the fix: write them, or let a teacher checkpoint write them with
+`brisk think make-units --teacher T` (thinker/units.py: kept only when the teacher's answer is correct).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def require_units(examples: Sequence[ThinkerExample]) -> None:
     for e in examples:
         if e.units is None:
             raise BriskError(f"{e.where}: no 'units': training needs one reasoning unit per context sentence; add "
-                             "'units' (brisk does not generate them with a teacher model)")
+                             "'units', or generate them with `brisk think make-units --teacher T --data ...`")
 
 
 def final_text(example: ThinkerExample) -> str:
