@@ -96,7 +96,9 @@ def test_batched_free_decoding_equals_single_streams(checkpoint):
     assert all(len(u) == len(e.context) for u, e in zip(batched.units, EXAMPLES))
 
 
-def test_training_lowers_the_streaming_loss(fixture_checkpoints, tmp_path):
+def test_training_teaches_the_units_and_answers_read_while_streaming(fixture_checkpoints, tmp_path):
+    """80 steps on three examples: the streaming loss falls, and free think-while-reading decoding (batched,
+    through the session's own visibility) writes the trained units and answers; the untrained model does not."""
     from brisklm.streaming.thinker.text import TextThinkerCollator, train_thinker_text
     from brisklm.zoo.textlm import TrainOptions
 
@@ -106,11 +108,17 @@ def test_training_lowers_the_streaming_loss(fixture_checkpoints, tmp_path):
     batch = TextThinkerCollator(text, marker)([{"example": e} for e in EXAMPLES])
     with torch.no_grad():
         before = float(streaming_loss(loaded.model, batch))
-    train_thinker_text(loaded.model, text, EXAMPLES, TrainOptions(steps=15, batch_size=3, learning_rate=3e-3),
+        untrained = run_batched(loaded.model, text, marker, EXAMPLES, max_unit_tokens=16, max_final_tokens=32)
+    assert untrained.answers != [e.answer for e in EXAMPLES]
+    train_thinker_text(loaded.model, text, EXAMPLES, TrainOptions(steps=80, batch_size=3, learning_rate=3e-3),
                        str(tmp_path), marker)
     with torch.no_grad():
         after = float(streaming_loss(loaded.model, batch))
-    assert after < before - 0.5
+        trained = run_batched(loaded.model, text, marker, EXAMPLES, max_unit_tokens=16, max_final_tokens=32)
+    assert after < before - 3.0
+    assert trained.answers == [e.answer for e in EXAMPLES]
+    exact = sum(u == t for got, e in zip(trained.units, EXAMPLES) for u, t in zip(got, e.units))
+    assert exact >= 5  # of 6 units
 
 
 @pytest.mark.parametrize("line, message", [
