@@ -135,3 +135,24 @@ def test_cli_trains_on_your_corpus_and_runs_the_three_heads(style, fixture_check
         delays = [int(line.split("delay=")[1]) for line in captured.out.splitlines() if "delay=" in line]
         assert 1 <= len(delays) <= 5 and delays == sorted(delays) and 1 <= delays[0] and delays[-1] <= 5
         assert f"{policy} head" in captured.err
+
+
+@torch.no_grad()
+def test_heads_are_asked_only_where_a_word_starts(checkpoint):
+    """starts_word (the decision point) agrees with the text layer's word grouping on multi-token words."""
+    from brisklm.streaming.engine import StreamingSession
+    from brisklm.streaming.gpe import word_segments
+    from brisklm.streaming.proactive.subword import starts_word
+
+    model, text, instruction = checkpoint
+    target = [t for seg in word_segments(text, ["schnelle", "braune", "Fuchsbau", "sprang"]) for t in seg]
+    groups = token_words(text, target)
+    assert any(len(g) > 1 for g in groups)
+    firsts = {sum(len(g) for g in groups[:j]) for j in range(len(groups))}
+    session = StreamingSession(model, text, instruction=instruction)
+    session.read(["the", "quick", "fox"])
+    asked = []
+    for i, token in enumerate(target):
+        asked.append(starts_word(session, 0, token))
+        session.write(forced=[token])
+    assert asked == [i in firsts for i in range(len(target))]

@@ -2,8 +2,8 @@
 head decoding where a source word or a target word may be several subword tokens.
 
 Decision granularity (our choice): a head decides READ or WRITE only at a row whose greedy token would *start*
-a target word (or end the target); a token that continues the open word is always written. So a word is never
-split by a read, its delay (source words read when its first token was written) is the read count the head
+a target word (or end the target); a token that continues the open word is always written, with no head call
+and no read. A word's delay (source words read when its first token was written) is the read count the head
 approved, and entropy is measured once per word, at its first token, where the choice of the next word is
 made (the later tokens of a word are mostly determined by its first one and would read as spuriously certain).
 
