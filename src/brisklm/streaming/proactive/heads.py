@@ -366,7 +366,9 @@ def train_probe(data: SufficiencyData, *, steps: int = 1500, batch_size: int = 2
     from brisklm.zoo.textlm import TrainOptions, training_arguments
 
     if len(data.label) < 2 or data.label.min() == data.label.max():
-        raise BriskError("probe training needs rows of both labels: use more examples or a wider schedule")
+        raise BriskError(f"probe training needs rows of both labels, got {int(data.label.sum())} sufficient and "
+                         f"{int((1 - data.label).sum())} insufficient rows: use more examples (--n-probe) or a "
+                         "wider schedule")
     torch.manual_seed(seed)
     probe = LinearProbe(data.hidden.shape[1])
     probe.mean.copy_(data.hidden.mean(0))
