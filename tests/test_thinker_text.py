@@ -12,7 +12,7 @@ import torch
 from brisklm.cli import main
 from brisklm.core.text import TextLayer
 from brisklm.errors import BriskError
-from brisklm.streaming.thinker.text import (TextThinkerSession, ThinkerExample, forced_targets, parse_answer,
+from brisklm.streaming.thinker.text import (ThinkerExample, forced_targets, parse_answer,
                                             read_thinker_data, reference_logits, text_thinker_batch,
                                             text_thinker_layout, unit_end)
 from brisklm.streaming.train import streaming_loss
@@ -45,12 +45,10 @@ def checkpoint(request, fixture_checkpoints):
 
 
 def run_batched(model, text, marker, examples, **kwargs):
-    session = TextThinkerSession(model, text, len(examples), marker=marker, **kwargs)
-    session.start([e.question for e in examples])
-    for r in range(max(len(e.context) for e in examples)):  # streams of different lengths: None when done
-        session.read([e.context[r] if r < len(e.context) else None for e in examples])
-        session.end([b for b, e in enumerate(examples) if len(e.context) == r + 1])
-    session.finish()
+    """One batched session over examples with different numbers of sentences (think_batched's round loop)."""
+    from brisklm.streaming.thinker.text import think_batched
+
+    (session,) = think_batched(model, text, examples, len(examples), marker, **kwargs)
     return session
 
 
@@ -150,6 +148,11 @@ def test_cli_think_train_then_think_on_every_family(fixture_checkpoints, tmp_pat
         lines = capsys.readouterr().out.splitlines()
         assert [line.split("]")[0] + "]" for line in lines[:3]] == ["[sentence 1]", "[sentence 2]", "[final]"]
         assert lines[3].startswith("answer")
+    assert main(["think", "--model", str(tmp_path / "qwen2"), "--data", str(data), "--batch-size", "2",
+                 "--max-unit-tokens", "4", "--max-final-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines[:3]] == ["train.jsonl line 1", "train.jsonl line 2", "train.jsonl line 3"]
+    assert lines[3].startswith("accuracy ") and lines[3].endswith("of 3)")
 
 
 @pytest.mark.parametrize("argv, stdin, rows, message", [

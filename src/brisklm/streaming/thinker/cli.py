@@ -50,6 +50,9 @@ def cmd_think(args: argparse.Namespace) -> int:
     loaded = load(args.model, **device_kwargs(args))
     if not is_arithmetic_thinker(loaded.tokenizer):
         return _think_text(args, loaded)
+    if args.data is not None:
+        raise BriskError("--data applies to checkpoints trained on your data (brisk think train), not to brisk's "
+                         "arithmetic thinker models; pipe the input on stdin instead")
     args.depth, args.mode = args.depth or "D2", args.mode or "streaming"
     check_depth(args.depth)
     check_mode(args.mode)
@@ -102,6 +105,8 @@ def _think_text(args: argparse.Namespace, loaded) -> int:
         raise BriskError("--depth and --mode batch apply to brisk's arithmetic thinker models (streaming-thinker, "
                          "thinker-batch-cot); drop them for this checkpoint")
     text, marker = _text_layer(args, loaded)
+    if args.data is not None:
+        return _think_data(args, loaded, text, marker)
     session = TextThinkerSession(loaded.model, text, marker=marker, max_unit_tokens=args.max_unit_tokens,
                                  max_final_tokens=args.max_final_tokens)
     lines = (line.strip() for line in (sys.stdin if args.text is None else args.text.splitlines()))
@@ -124,6 +129,21 @@ def _think_text(args: argparse.Namespace, loaded) -> int:
     print(f"answer {answer}" if answer else "answer (none: the model wrote no answer)", flush=True)
     print(f"# {count} sentences; input tokens forwarded {session.input_tokens_forwarded}, reasoning tokens forwarded "
           f"{session.reasoning_tokens_forwarded}", file=sys.stderr)
+    return 0
+
+
+def _think_data(args: argparse.Namespace, loaded, text, marker) -> int:
+    """`--data test.jsonl`: every example through batched sessions; prints each answer and the accuracy."""
+    from brisklm.streaming.thinker.text import answer_matches, read_thinker_data, think_batched
+
+    examples = read_thinker_data(args.data)
+    sessions = think_batched(loaded.model, text, examples, args.batch_size, marker,
+                             max_unit_tokens=args.max_unit_tokens, max_final_tokens=args.max_final_tokens)
+    answers = [a for s in sessions for a in s.answers]
+    correct = [answer_matches(a, e.answer) for a, e in zip(answers, examples)]
+    for e, a, ok in zip(examples, answers, correct):
+        print(f"{e.where}\t{'correct' if ok else 'wrong'}\tanswer={a!r}\treference={e.answer!r}", flush=True)
+    print(f"accuracy {sum(correct) / len(examples):.3f} ({sum(correct)} of {len(examples)})")
     return 0
 
 
@@ -198,6 +218,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--mode", default=None, help="arithmetic thinker models: streaming (think while reading, the "
                                                 "default) or batch (read, then think)")
     p.add_argument("--text", default=None, help="the input as text (lines) instead of stdin")
+    p.add_argument("--data", default=None, help="other checkpoints: a JSONL test set (question, context, answer) "
+                                                "run through batched sessions instead of stdin; prints the accuracy")
+    p.add_argument("--batch-size", type=int, default=8, help="with --data: streams per batched session")
     p.add_argument("--max-unit-tokens", type=int, default=48, help="other checkpoints: cap on one unit's tokens")
     p.add_argument("--max-final-tokens", type=int, default=128, help="other checkpoints: cap on the final segment")
     add_text_args(p)

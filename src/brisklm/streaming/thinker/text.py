@@ -450,3 +450,32 @@ def load_settings(folder: str | Path) -> dict:
     """thinker.json of a checkpoint folder ({} when absent: an untrained or foreign checkpoint)."""
     path = Path(folder, SETTINGS_FILE)
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def think_batched(model, text: TextLayer, examples: Sequence[ThinkerExample], batch_size: int = 8,
+                  marker: Sequence[int] | None = None, **kwargs) -> list[TextThinkerSession]:
+    """Run examples through batched sessions (sentences arrive round by round; a stream ends after its last)."""
+    if batch_size < 1:
+        raise BriskError(f"--batch-size must be >= 1, got {batch_size}")
+    sessions = []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        session = TextThinkerSession(model, text, len(chunk), marker=marker, **kwargs)
+        session.start([e.question for e in chunk])
+        for r in range(max(len(e.context) for e in chunk)):
+            session.read([e.context[r] if r < len(e.context) else None for e in chunk])
+            session.end([b for b, e in enumerate(chunk) if len(e.context) == r + 1])
+        session.finish()
+        sessions.append(session)
+    return sessions
+
+
+def answer_matches(predicted: str, reference: str) -> bool:
+    """Answers compared after normalization (case, inner spaces, surrounding punctuation)."""
+    import re
+
+    def norm(a: str) -> str:
+        return re.sub(r"\s+", " ", a.lower()).strip().strip(".,;:!?\"'()[]{} ")
+
+    return bool(predicted) and norm(predicted) == norm(reference)
+

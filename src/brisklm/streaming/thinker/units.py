@@ -10,7 +10,6 @@ spaces); its units are the first line of each generation. Examples that already 
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from typing import Sequence
 
@@ -19,7 +18,7 @@ import torch
 from brisklm.core.generate import generate, left_pad
 from brisklm.core.text import TextLayer
 from brisklm.errors import BriskError
-from brisklm.streaming.thinker.text import ANSWER_PREFIX, ThinkerExample, parse_answer
+from brisklm.streaming.thinker.text import ANSWER_PREFIX, ThinkerExample, answer_matches, parse_answer
 
 UNIT_PROMPT = ("Question: {question}\nContext so far:\n{context}\n"
                "In one short sentence, reason about the newest sentence only: \"{sentence}\"")
@@ -28,9 +27,6 @@ FINAL_PROMPT = ("Question: {question}\nContext:\n{context}\nReasoning so far:\n{
                 f"'{ANSWER_PREFIX} <answer>'.")
 
 
-def normalize(answer: str) -> str:
-    """Lower case, inner spaces collapsed, surrounding punctuation and spaces removed."""
-    return re.sub(r"\s+", " ", answer.lower()).strip().strip(".,;:!?\"'()[]{} ")
 
 
 @torch.no_grad()
@@ -59,7 +55,7 @@ def teacher_units(model, text: TextLayer, example: ThinkerExample, max_unit_toke
     final = generate_texts(model, text, [final_prompt], max_final_tokens)[0]
     answer = parse_answer(final)
     reasoning = final[:final.rfind(ANSWER_PREFIX)].strip() if ANSWER_PREFIX in final else final.strip()
-    ok = all(units) and bool(answer) and normalize(answer) == normalize(example.answer)
+    ok = all(units) and answer_matches(answer, example.answer)
     return replace(example, units=units, final=reasoning or None), ok
 
 
