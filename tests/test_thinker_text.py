@@ -151,7 +151,7 @@ def test_cli_think_train_then_think_on_every_family(fixture_checkpoints, tmp_pat
     assert main(["think", "--model", str(tmp_path / "qwen2"), "--data", str(data), "--batch-size", "2",
                  "--max-unit-tokens", "4", "--max-final-tokens", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("\t")[0] for line in lines[:3]] == ["train.jsonl line 1", "train.jsonl line 2", "train.jsonl line 3"]
+    assert [line.split("\t")[0] for line in lines[:3]] == [f"train.jsonl line {i}" for i in (1, 2, 3)]
     assert lines[3].startswith("accuracy ") and lines[3].endswith("of 3)")
 
 

@@ -211,8 +211,10 @@ def cmd_make_units(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("think", help="StreamingThinker: read a question and facts from stdin, reason while reading")
-    p.add_argument("--model", default="streaming-thinker", help="a thinker zoo model (arithmetic format) or any causal-LM checkpoint folder")
+    p = subparsers.add_parser("think", help="StreamingThinker: read a question and sentences from stdin, reason while "
+                                            "reading")
+    p.add_argument("--model", default="streaming-thinker",
+                   help="a thinker zoo model (arithmetic format) or any causal-LM checkpoint folder")
     p.add_argument("--depth", default=None, help="arithmetic thinker models: final reasoning depth D1 (answer), "
                                                  "D2 (+combine, the default), D3 (+check)")
     p.add_argument("--mode", default=None, help="arithmetic thinker models: streaming (think while reading, the "

@@ -10,7 +10,7 @@ Data (one JSON object a line):
 Layout (through the text layer and the GPE stream frame, with the question as the frame's instruction):
 
     source  s_0 = chat user-turn opening (or [bos]) + question   s_1..s_N = the sentences   s_N+1 = turn closing / eos
-    target  u_0 = assistant header (or the plain separator)      u_j = unit_j + UNIT_END     u_N+1 = final + answer + end
+    target  u_0 = assistant header (or the plain separator)   u_j = unit_j + UNIT_END   u_N+1 = final + answer + end
 
 `final + answer` is the text `"{final}\\nAnswer: {answer}"` (just `"Answer: {answer}"` without a final).
 UNIT_END is "\\n", or ";" for a tokenizer that cannot encode a newline (SentencePiece without byte fallback);
@@ -224,7 +224,8 @@ def reference_logits(model, text: TextLayer, example: ThinkerExample, marker: Se
     layout = text_thinker_layout(text, example, marker)
     batch = text_thinker_batch([layout], text.roles.pad_id)
     device = next(model.parameters()).device
-    plan = Plan(position_ids=batch["position_ids"].to(device), visibility=MatrixVisibility(batch["visibility"].to(device)))
+    plan = Plan(position_ids=batch["position_ids"].to(device),
+                visibility=MatrixVisibility(batch["visibility"].to(device)))
     with torch.no_grad():
         logits = execute(model, batch["input_ids"].to(device), plan=plan,
                          attention_mask=batch["attention_mask"].to(device)).logits[0]
@@ -294,8 +295,8 @@ class TextThinkerSession:
         meta = {"group": torch.full_like(ids, SOURCE), "segment": segment, "sees": torch.zeros_like(ids)}
         plan = Plan(position_ids=order.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
                     row_meta={k: v.to(self.device) for k, v in meta.items()})
-        execute(self.model, ids.to(self.device), plan=plan, cache=self.input_cache, attention_mask=valid.to(self.device),
-                logits_rows="none")
+        execute(self.model, ids.to(self.device), plan=plan, cache=self.input_cache,
+                attention_mask=valid.to(self.device), logits_rows="none")
         for b, r in enumerate(rows):
             self.src_tokens[b] += len(r)
         self.input_tokens_forwarded += int(valid.sum())
@@ -310,8 +311,9 @@ class TextThinkerSession:
         meta = {"group": torch.full_like(ids, TARGET), "segment": torch.zeros_like(ids), "sees": sees}
         plan = Plan(position_ids=order.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
                     row_meta={k: v.to(self.device) for k, v in meta.items()})
-        out = execute(self.model, ids.to(self.device), plan=plan, cache=self.reasoning_cache, context=[self.input_cache],
-                      attention_mask=valid.to(self.device), logits_rows="all" if logits else "none")
+        out = execute(self.model, ids.to(self.device), plan=plan, cache=self.reasoning_cache,
+                      context=[self.input_cache], attention_mask=valid.to(self.device),
+                      logits_rows="all" if logits else "none")
         for b, r in enumerate(rows):
             self.tgt_tokens[b] += len(r)
         self.reasoning_tokens_forwarded += int(valid.sum())
