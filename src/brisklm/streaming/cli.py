@@ -65,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_proactive(args: argparse.Namespace, loaded, k_range: tuple[int, int], options, out: Path) -> int:
-    """Random monotone masks (+ SPSD) on variable-lookahead translation, then the self-labelled probe."""
+    """Random monotone masks (+ SPSD) on your corpus (--data) or variable-lookahead translation, then the
+    self-labelled probe; any tokenizer (proactive/subword.py)."""
     from brisklm.streaming.proactive.heads import save_probe, train_probe
     from brisklm.streaming.proactive.subword import sufficiency_data_text, train_proactive_text
     from brisklm.streaming.proactive.train import ScheduleOptions
@@ -84,7 +85,8 @@ def _train_proactive(args: argparse.Namespace, loaded, k_range: tuple[int, int],
         check_encodable(text, examples, args.instruction, name=Path(args.data).name)
         what = f"{len(examples)} pairs of {Path(args.data).name}"
     else:
-        examples, what = proactive_task().examples("train", args.n_train, seed=args.seed), "variable-lookahead translation"
+        examples = proactive_task().examples("train", args.n_train, seed=args.seed)
+        what = "variable-lookahead translation"
     schedule = ScheduleOptions(k_min=k_range[0], k_max=k_range[1])
     print(f"fine-tuning {loaded.path} with random monotone masks (k in {k_range[0]}..{k_range[1]} plus extra reads)"
           f"{f' and SPSD lambda={lam}' if lam else ''} on {what}", flush=True)
