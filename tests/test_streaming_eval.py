@@ -273,10 +273,19 @@ def test_translate_uses_the_same_driver(fixture_checkpoints, capsys):
     assert [(w, int(d.split("=")[1])) for w, d in lines] == list(zip(expected.words, expected.delays))
 
 
-def test_heads_on_a_subword_checkpoint_are_refused_per_line(fixture_checkpoints, tmp_path, capsys):
-    """Like `stream translate --policy entropy`, until the heads run on subword tokenizers: one error line."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"source": "hello world", "target": "hallo Welt"}])
-    assert main(["stream", "eval", "--model", str(fixture_checkpoints("qwen2")), "--data", str(data),
-                 "--policy", "entropy", "--out", str(tmp_path / "o")]) == 2
-    errors = errors_of(capsys.readouterr().err)
-    assert len(errors) == 1 and "one token per word" in errors[0]
+@pytest.mark.parametrize("policy", ["entropy", "attention"])
+def test_heads_on_a_subword_checkpoint_match_head_decode(fixture_checkpoints, tmp_path, policy):
+    """The word-by-word stepper takes a head's decisions at word starts only, exactly as head_decode does."""
+    from brisklm.streaming.proactive.heads import make_head
+    from brisklm.streaming.proactive.subword import head_decode
+    from brisklm.zoo.store import load
+
+    loaded = load(str(fixture_checkpoints("qwen2")))
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer)
+    source = ["the", "quick", "brown", "fox", "jumps"]
+    threshold = {"entropy": 4.0, "attention": 0.3}[policy]
+    spec = PolicySpec(policy, threshold=threshold)
+    stepper = run_stream(loaded.model, text, spec, source, head=make_head(policy, None), max_words=8)
+    expected = head_decode(loaded.model, text, [source], make_head(policy, None), threshold, max_words=8)
+    assert stepper.output.words and stepper.output.words == expected.outputs[0].words
+    assert stepper.output.delays == expected.outputs[0].delays

@@ -16,7 +16,7 @@ from brisklm.streaming.stepper import DEFAULT_THRESHOLDS, HEAD_POLICIES
 
 
 # What `brisk inspect` reports for these commands on a checkpoint (None = runs, else why not).
-# wait-k and offline (translate) and GPE training run on any tokenizer; ProactiveLLM still refuses subword ones
+# wait-k, offline, the decision heads and GPE / ProactiveLLM training run on any tokenizer
 CHECKPOINT_SUPPORT = {"stream train": causal_lm_only, "stream translate": causal_lm_only,
                       "stream eval": causal_lm_only}
 
@@ -44,9 +44,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise BriskError("--merge applies to --lora: add --lora or drop --merge")
     if args.lora and args.objective != "gpe":
         raise BriskError("--lora applies to --objective gpe for now: drop --lora or use --objective gpe")
-    if args.objective == "proactive" and (args.data is not None or args.instruction is not None):
-        raise BriskError("--data and --instruction apply to --objective gpe for now (ProactiveLLM trains on its "
-                         "built-in task)")
     loaded = load(args.model, **device_kwargs(args))
     torch.set_num_threads(args.threads)
     options = TrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
@@ -110,9 +107,11 @@ def _training_pairs(text: TextLayer, data: str, instruction: str | None) -> list
 
 
 def _train_proactive(args: argparse.Namespace, loaded, k_range: tuple[int, int], options, out: Path) -> int:
-    """Random monotone masks (+ SPSD) on variable-lookahead translation, then the self-labelled probe."""
-    from brisklm.streaming.proactive.heads import save_probe, sufficiency_data, train_probe
-    from brisklm.streaming.proactive.train import ScheduleOptions, train_proactive
+    """Random monotone masks (+ SPSD) on your corpus (--data) or variable-lookahead translation, then the
+    self-labelled probe; any tokenizer (proactive/subword.py)."""
+    from brisklm.streaming.proactive.heads import save_probe, train_probe
+    from brisklm.streaming.proactive.subword import sufficiency_data_text, train_proactive_text
+    from brisklm.streaming.proactive.train import ScheduleOptions
     from brisklm.streaming.proactive_zoo import proactive_task
 
     lam = 0.0 if args.spsd is None else args.spsd
@@ -120,17 +119,27 @@ def _train_proactive(args: argparse.Namespace, loaded, k_range: tuple[int, int],
         raise BriskError(f"--spsd must be >= 0 (the KL weight lambda), got {lam}")
     if args.n_probe < 1 or args.probe_steps < 1:
         raise BriskError("--n-probe and --probe-steps must be positive")
-    examples = proactive_task().examples("train", args.n_train, seed=args.seed)
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
+    if args.data is not None:  # your corpus: the masks, SPSD and the probe's self-generated labels all come from it
+        from brisklm.streaming.data import check_encodable, read_parallel
+
+        examples = read_parallel(args.data)
+        check_encodable(text, examples, args.instruction, name=Path(args.data).name)
+        what = f"{len(examples)} pairs of {Path(args.data).name}"
+    else:
+        examples = proactive_task().examples("train", args.n_train, seed=args.seed)
+        what = "variable-lookahead translation"
     schedule = ScheduleOptions(k_min=k_range[0], k_max=k_range[1])
     print(f"fine-tuning {loaded.path} with random monotone masks (k in {k_range[0]}..{k_range[1]} plus extra reads)"
-          f"{f' and SPSD lambda={lam}' if lam else ''} on variable-lookahead translation", flush=True)
+          f"{f' and SPSD lambda={lam}' if lam else ''} on {what}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        stats = train_proactive(loaded.model, loaded.tokenizer, examples, options, tmp, spsd_lambda=lam,
-                                schedule=schedule, phi=args.phi)
+        stats = train_proactive_text(loaded.model, text, examples, options, tmp, spsd_lambda=lam, schedule=schedule,
+                                     phi=args.phi, instruction=args.instruction)
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
-    rows = sufficiency_data(loaded.model, loaded.tokenizer, examples[:args.n_probe], seed=args.seed + 1)
+    rows = sufficiency_data_text(loaded.model, text, examples[:args.n_probe], seed=args.seed + 1,
+                                 instruction=args.instruction)
     save_probe(train_probe(rows, steps=args.probe_steps, seed=args.seed), out)
     print(f"saved to {out} with its decision probe (train loss {stats['train_loss']:.3f}, "
           f"{stats['train_seconds']:.0f} s; probe rows {len(rows.label)})")
@@ -257,7 +266,8 @@ def _translate_with_head(args: argparse.Namespace) -> int:
     import torch
 
     from brisklm.streaming.lora import load_model as load
-    from brisklm.streaming.proactive.heads import live_decode, make_head
+    from brisklm.streaming.proactive.heads import make_head
+    from brisklm.streaming.proactive.subword import head_decode
 
     threshold = DEFAULT_THRESHOLDS[args.policy] if args.threshold is None else args.threshold
     if math.isnan(threshold):
@@ -266,8 +276,10 @@ def _translate_with_head(args: argparse.Namespace) -> int:
     loaded = load(args.model, **device_kwargs(args))
     head = make_head(args.policy, loaded.path)
     source = _stdin_words(sys.stdin) if args.text is None else iter(args.text.split())
-    out = live_decode(loaded.model, loaded.tokenizer, source, head, threshold, phi=args.phi, max_words=args.max_words,
-                      on_write=lambda word, delay: print(f"{word}\tdelay={delay}", flush=True))
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer, **text_options(args))
+    out = head_decode(loaded.model, text, [source], head, threshold, phi=args.phi, max_words=args.max_words,
+                      instruction=args.instruction,
+                      on_write=lambda _, word, delay: print(f"{word}\tdelay={delay}", flush=True)).outputs[0]
     print(f"# {len(out.words)} words from {out.source_words} source words ({args.policy} head, threshold "
           f"{threshold})", file=sys.stderr)
     return 0

@@ -51,7 +51,6 @@ def evaluate(model, text: TextLayer, lines: Sequence[NumberedPair], spec: Policy
     if spec.name not in ("wait-k", "offline"):
         from brisklm.streaming.proactive.heads import make_head
 
-        text.require_word_level("ProactiveLLM's decision heads")  # once, not once per line
         head = make_head(spec.name, checkpoint)
     records, skipped = [], []
     for item in progress(lines, desc=f"stream eval ({spec.name})", total=len(lines)):

@@ -78,7 +78,6 @@ class StreamStepper:
         if self.spec.name in HEAD_POLICIES:
             from brisklm.streaming.proactive.heads import make_head
 
-            text.require_word_level("ProactiveLLM's decision heads")  # as adaptive_decode / live_decode, for now
             self.head = head if head is not None else make_head(self.spec.name, checkpoint)
         self.session = StreamingSession(model, text, 1, phi=phi, instruction=instruction,
                                         record_attention=self.head is not None and self.head.needs_attention)
@@ -152,10 +151,20 @@ class StreamStepper:
 
     # ---------------------------------------------------------------------------------------- decision heads
     def _head(self) -> None:
+        from brisklm.streaming.proactive.subword import starts_word
+
         s, head, threshold = self.session, self.head, self.spec.threshold
 
+        source_left = True
+
         def gate(session: StreamingSession, logits) -> list[bool]:
-            return [session.closed[0] or head.writes(head.signal(session, logits), threshold)[0]]
+            # As head_decode: the head decides at word starts only (a token inside the open word is always
+            # written), and word j is not started before j source words are read while source remains.
+            if session.closed[0] or not starts_word(session, 0, int(logits[0].argmax())):
+                return [True]
+            if source_left and session.words_read(0) < session.words_started(0) + 1:
+                return [False]
+            return [head.writes(head.signal(session, logits), threshold)[0]]
 
         while not s.done[0] and not self._capped():
             n = len(self.received)

@@ -135,7 +135,7 @@ class Head:
             with torch.no_grad():
                 return self.probe.score(session.last_hidden)
         if self.name == "lag":
-            return torch.tensor([float(session.words_read(b) - len(session.outputs[b].words))
+            return torch.tensor([float(session.words_read(b) - session.words_started(b))  # (= words written, word-level)
                                  for b in range(session.batch_size)])
         records = [r for r in session.last_attention if r is not None]
         if not records:
@@ -183,8 +183,11 @@ class AdaptiveResult(DecodeResult):
 
 def adaptive_decode(model, tokenizer, sources: Sequence[Sequence[str]], head: Head, threshold: float, *,
                     batch_size: int = 32, min_lag: int = 1, phi: int = 0) -> AdaptiveResult:
-    """Simultaneous decoding where `head` decides READ or WRITE at every step (streams batched)."""
-    as_text_layer(tokenizer).require_word_level("ProactiveLLM's decision heads")
+    """Simultaneous decoding where `head` decides READ or WRITE at every step (streams batched).
+    A subword tokenizer (or a TextLayer with one) runs `subword.head_decode` (decisions at word starts)."""
+    text = as_text_layer(tokenizer)
+    if not text.word_level:
+        return _subword_adaptive(model, text, sources, head, threshold, batch_size, min_lag, phi)
     _check_sources(sources)
     if min_lag < 1:
         raise BriskError(f"min_lag must be >= 1 (read a word before the first write), got {min_lag}")
@@ -241,6 +244,20 @@ def adaptive_decode(model, tokenizer, sources: Sequence[Sequence[str]], head: He
     return AdaptiveResult(outputs, total, traces)
 
 
+def _subword_adaptive(model, text, sources, head, threshold, batch_size, min_lag, phi) -> AdaptiveResult:
+    from brisklm.streaming.proactive.subword import head_decode
+
+    _check_sources(sources)
+    outputs, traces, total = [], [], 0
+    for start in range(0, len(sources), batch_size):
+        result = head_decode(model, text, [list(s) for s in sources[start:start + batch_size]], head, threshold,
+                             min_lag=min_lag, phi=phi)
+        outputs += result.outputs
+        traces += result.actions
+        total += result.forward_tokens
+    return AdaptiveResult(outputs, total, traces)
+
+
 # ------------------------------------------------------------------------------------------------ signal data
 @dataclass
 class SufficiencyData:
@@ -264,8 +281,13 @@ class SufficiencyData:
 @torch.no_grad()
 def sufficiency_data(model, tokenizer, examples: Sequence, schedule: ScheduleOptions | None = None, *,
                      seed: int = 0, batch_size: int = 32) -> SufficiencyData:
-    """Teacher-forced masked passes under random monotone schedules, labelled against the full-context pass."""
-    as_text_layer(tokenizer).require_word_level("ProactiveLLM's decision heads")
+    """Teacher-forced masked passes under random monotone schedules, labelled against the full-context pass.
+    A subword tokenizer runs `subword.sufficiency_data_text` (one row per target word's first token)."""
+    if not as_text_layer(tokenizer).word_level:
+        from brisklm.streaming.proactive.subword import sufficiency_data_text
+
+        return sufficiency_data_text(model, as_text_layer(tokenizer), examples, schedule, seed=seed,
+                                     batch_size=batch_size)
     schedule = schedule or ScheduleOptions(k_min=1, k_max=4, p_extra=0.3, p_full=0.0)
     rng = random.Random(seed)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("hidden", "entropy", "attention", "label", "lag")}
@@ -344,7 +366,9 @@ def train_probe(data: SufficiencyData, *, steps: int = 1500, batch_size: int = 2
     from brisklm.zoo.textlm import TrainOptions, training_arguments
 
     if len(data.label) < 2 or data.label.min() == data.label.max():
-        raise BriskError("probe training needs rows of both labels: use more examples or a wider schedule")
+        raise BriskError(f"probe training needs rows of both labels, got {int(data.label.sum())} sufficient and "
+                         f"{int((1 - data.label).sum())} insufficient rows: use more examples (--n-probe) or a "
+                         "wider schedule")
     torch.manual_seed(seed)
     probe = LinearProbe(data.hidden.shape[1])
     probe.mean.copy_(data.hidden.mean(0))
@@ -367,7 +391,11 @@ def live_decode(model, tokenizer, words: Iterable[str], head: Head, threshold: f
     The iterator is peeked one word ahead only to know whether the source has ended (adaptive_decode knows n);
     delays count the words actually read by the model.
     """
-    as_text_layer(tokenizer).require_word_level("ProactiveLLM's decision heads")
+    if not as_text_layer(tokenizer).word_level:
+        from brisklm.streaming.proactive.subword import head_decode
+
+        return head_decode(model, as_text_layer(tokenizer), [words], head, threshold, min_lag=min_lag, phi=phi,
+                           max_words=max_words, on_write=lambda stream, word, delay: on_write(word, delay)).outputs[0]
     if min_lag < 1:
         raise BriskError(f"min_lag must be >= 1 (read a word before the first write), got {min_lag}")
     source = iter(words)

@@ -163,8 +163,13 @@ class ProactiveTrainer(Trainer):
 def train_proactive(model, tokenizer, examples: Sequence[Example], options: TrainOptions, output_dir: str,
                     spsd_lambda: float = 0.0, spsd_tau: float = 1.0, schedule: ScheduleOptions = ScheduleOptions(),
                     phi: int = 0) -> dict[str, float]:
-    """Fine-tune `model` with random monotone masks (+ SPSD when spsd_lambda > 0); returns loss and seconds."""
-    as_text_layer(tokenizer).require_word_level("ProactiveLLM training")
+    """Fine-tune `model` with random monotone masks (+ SPSD when spsd_lambda > 0); returns loss and seconds.
+    A subword tokenizer (or a TextLayer) runs `subword.train_proactive_text` (the same loss on text layouts)."""
+    if not as_text_layer(tokenizer).word_level:
+        from brisklm.streaming.proactive.subword import train_proactive_text
+
+        return train_proactive_text(model, as_text_layer(tokenizer), examples, options, output_dir, spsd_lambda,
+                                    spsd_tau, schedule, phi)
     if spsd_lambda < 0:
         raise BriskError(f"--spsd must be >= 0 (the KL weight lambda), got {spsd_lambda}")
     trainer = ProactiveTrainer(
