@@ -115,36 +115,32 @@ class ReencodeRunner:
         return forward, delays
 
 
-def _synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
-    def run() -> Any:
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return out
-    return run
-
-
 def length_figures(model, text: TextLayer, n: int, repeats: int, warmup: int, k: int = K) -> dict[str, Any]:
     """GPE vs both re-encoding runners on one n-word source (forced n-word target): tokens, seconds, ratios."""
     source, target_words = corpus_words(n), corpus_words(n, target=True)
     target = [t for seg in word_segments(text, target_words) for t in seg]
     device = next(model.parameters()).device
 
-    def gpe():
-        return gpe_wait_k(model, text, [source], k, batch_size=1, forced=[target])
-
     runners = {name: ReencodeRunner(model, text, source, target, k, hf=name == "reencode_hf") for name in BASELINES}
-    g = gpe()
-    gpe_delays = g.outputs[0].delays
-    tokens = {"gpe": g.forward_tokens}
-    for name, runner in runners.items():
-        forward, delays = runner.run()
+    last: dict[str, Any] = {}  # each decoder's latest result, checked after the timing (no extra untimed runs)
+
+    def keep(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> None:
+            last[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return run
+
+    fns = {"gpe": keep("gpe", lambda: gpe_wait_k(model, text, [source], k, batch_size=1, forced=[target]))}
+    fns.update({name: keep(name, runner.run) for name, runner in runners.items()})
+    seconds = interleaved_medians(fns, repeats=repeats, warmup=warmup)
+    gpe_delays = last["gpe"].outputs[0].delays
+    tokens = {"gpe": last["gpe"].forward_tokens}
+    for name in BASELINES:
+        forward, delays = last[name]
         if delays != gpe_delays:
             raise BriskError(f"{name} and GPE followed different schedules at {n} words: {delays} vs {gpe_delays}")
         tokens[name] = forward
-    seconds = interleaved_medians({"gpe": _synced(gpe, device),
-                                   **{k_: _synced(r.run, device) for k_, r in runners.items()}},
-                                  repeats=repeats, warmup=warmup)
     baseline = min(BASELINES, key=lambda b: seconds[b])
     out: dict[str, Any] = {
         "source_words": n, "source_tokens": sum(len(s) for s in word_segments(text, source)),
