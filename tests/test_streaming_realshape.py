@@ -13,6 +13,7 @@ from brisklm.errors import BriskError
 from brisklm.eval.bench import run_benchmark
 from brisklm.eval.progress import quiet_progress
 from brisklm.streaming import realshape as rs
+from brisklm.streaming.bench import real_shape_key
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +101,4 @@ def test_quick_section_on_cuda_bf16(monkeypatch):
     figures = rs.real_shape_figures(quick=True)
     assert figures["device"].startswith("cuda") and figures["dtype"] == "bfloat16"
     assert figures["n8"]["same_schedule"] and figures["n8"]["forward_tokens_ratio"] > 1
+    assert real_shape_key(figures["device"], figures["dtype"]) == "real_shape_cuda_bfloat16"

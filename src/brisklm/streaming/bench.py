@@ -234,9 +234,18 @@ def streaming_benchmark(ctx: BenchContext) -> dict[str, Any]:
         if ctx.wants("real_shape"):
             from brisklm.streaming.realshape import real_shape_figure, real_shape_figures
 
-            figures["real_shape"] = real_shape_figures(ctx.quick, ctx.seed, ctx.progress)
-            save_figure(real_shape_figure(figures["real_shape"]), ctx.out_dir, "streaming_real_shape.png")
+            real = real_shape_figures(ctx.quick, ctx.seed, ctx.progress)
+            key = real_shape_key(real["device"], real["dtype"])  # a GPU run keeps the CPU figures beside it
+            figures[key] = real
+            save_figure(real_shape_figure(real), ctx.out_dir, f"streaming_{key}.png")
     return figures
+
+
+def real_shape_key(device: str, dtype: str) -> str:
+    """`real_shape` for the CPU in float32, else e.g. `real_shape_cuda_bfloat16`."""
+    if device == "cpu" and dtype == "float32":
+        return "real_shape"
+    return f"real_shape_{device.split(':')[0]}_{dtype}"
 
 
 def zoo_figures(ctx: BenchContext) -> dict[str, Any]:
