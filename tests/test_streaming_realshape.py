@@ -79,6 +79,9 @@ def test_quick_section_writes_keys_and_keeps_the_others(tmp_path):
         assert row["forward_tokens"]["gpe"] < row["forward_tokens"][row["baseline"]]
         assert row["forward_tokens_ratio"] > 1 and row["wall_ratio"] > 0
         assert set(row["wall_s"]) == {"gpe", *rs.BASELINES}
+        # re-encoding calls the model once per written token and the end; GPE also per read step
+        assert row["model_calls"]["reencode_hf"] == row["model_calls"]["reencode_executor"] == row["target_tokens"] + 1
+        assert row["model_calls"]["gpe"] > row["target_tokens"] + 1
     cost = saved["kv_cache_append_cost"]
     assert len(cost["us_per_token_layer_grown_buffer"]) == len(cost["us_per_token_layer_cat_per_token"]) == 5
     plots = tmp_path / "plots" / "streaming"

@@ -8,7 +8,9 @@ wait-k schedule; the section checks that the word delays agree. Compared in one 
 - re-encoding: at every read, the whole prefix `prompt source-so-far header target-so-far` is encoded anew;
   between reads (the further tokens of a word) it steps with its own cache. Run twice: HF's `model(...)` with a
   DynamicCache, and brisklm's executor with a KVCache; the faster of the two is the baseline.
-Ratios come with the ideal (the forward-token ratio) and the strict (s - 1) / (ideal - 1).
+Ratios come with the ideal (the forward-token ratio) and the strict (s - 1) / (ideal - 1). `model_calls` counts
+forward calls: at batch 1 a call that feeds a token or two reads every weight once, so on a CPU (memory-bound)
+the wall time follows the calls more than the tokens.
 """
 
 from __future__ import annotations
@@ -123,17 +125,26 @@ def length_figures(model, text: TextLayer, n: int, repeats: int, warmup: int, k:
 
     runners = {name: ReencodeRunner(model, text, source, target, k, hf=name == "reencode_hf") for name in BASELINES}
     last: dict[str, Any] = {}  # each decoder's latest result, checked after the timing (no extra untimed runs)
+    calls = {"now": "", **{name: 0 for name in ("gpe", *BASELINES)}}  # model calls (embedding lookups) per run
 
     def keep(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> None:
+            calls["now"], calls[name] = name, 0
             last[name] = fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         return run
 
+    def count(*_: Any) -> None:
+        calls[calls["now"]] += 1
+
     fns = {"gpe": keep("gpe", lambda: gpe_wait_k(model, text, [source], k, batch_size=1, forced=[target]))}
     fns.update({name: keep(name, runner.run) for name, runner in runners.items()})
-    seconds = interleaved_medians(fns, repeats=repeats, warmup=warmup)
+    hook = model.get_input_embeddings().register_forward_hook(count)
+    try:
+        seconds = interleaved_medians(fns, repeats=repeats, warmup=warmup)
+    finally:
+        hook.remove()
     gpe_delays = last["gpe"].outputs[0].delays
     tokens = {"gpe": last["gpe"].forward_tokens}
     for name in BASELINES:
@@ -145,7 +156,8 @@ def length_figures(model, text: TextLayer, n: int, repeats: int, warmup: int, k:
     out: dict[str, Any] = {
         "source_words": n, "source_tokens": sum(len(s) for s in word_segments(text, source)),
         "target_words": len(target_words), "target_tokens": len(target),
-        "forward_tokens": tokens, "wall_s": {k_: round(v, 4) for k_, v in seconds.items()},
+        "forward_tokens": tokens, "model_calls": {name: calls[name] for name in ("gpe", *BASELINES)},
+        "wall_s": {k_: round(v, 4) for k_, v in seconds.items()},
         "baseline": baseline, "same_schedule": True,
     }
     for name in BASELINES:
