@@ -105,3 +105,15 @@ def test_quick_section_on_cuda_bf16(monkeypatch):
     assert figures["device"].startswith("cuda") and figures["dtype"] == "bfloat16"
     assert figures["n8"]["same_schedule"] and figures["n8"]["forward_tokens_ratio"] > 1
     assert real_shape_key(figures["device"], figures["dtype"]) == "real_shape_cuda_bfloat16"
+
+
+def test_interleaved_medians_rotate_the_order_and_take_medians():
+    from brisklm.core.timing import interleaved_medians
+
+    order: list[str] = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    seconds = interleaved_medians(fns, repeats=3, warmup=1)
+    assert order == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-up, then rotated rounds
+    assert set(seconds) == {"a", "b", "c"} and all(s >= 0 for s in seconds.values())
+    with pytest.raises(BriskError, match="repeats"):
+        interleaved_medians(fns, repeats=0)
