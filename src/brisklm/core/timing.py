@@ -53,3 +53,30 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each callable, timed in interleaved rounds whose order rotates by one each round
+    (shared-CPU noise and any position effect hit all of them alike)."""
+    if repeats < 1:
+        raise BriskError(f"repeats must be at least 1, got {repeats}")
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fn = fns[name]
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def speedup_ratios(baseline_s: float, method_s: float, ideal: float) -> dict[str, float | None]:
+    """Speed-up s = baseline / method, s / ideal and the strict (s - 1) / (ideal - 1): the share of the ideal
+    saving that became wall-clock saving (None when the ideal is no saving)."""
+    speedup = baseline_s / method_s
+    return {"speedup": speedup, "speedup_over_ideal": speedup / ideal,
+            "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else None}

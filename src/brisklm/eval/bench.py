@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,19 +46,27 @@ class BenchContext:
     seed: int
     out_dir: Path
     progress: Callable[..., Any] = field(default=_default_progress)
+    sections: tuple[str, ...] = ()  # `--section`: run only these sections of an area that has them (empty: all)
+
+    def wants(self, section: str) -> bool:
+        """Whether this run includes `section` (every section when none was chosen)."""
+        return not self.sections or section in self.sections
 
 
 BenchFn = Callable[[BenchContext], Mapping[str, Any]]
 _REGISTRY: dict[str, BenchFn] = {}
+_SECTIONS: dict[str, tuple[str, ...]] = {}  # area -> the sections `--section` may pick
 
 
-def register(area: str) -> Callable[[BenchFn], BenchFn]:
-    """Decorator that registers `fn(ctx) -> dict of JSON figures` as the benchmark of `area`."""
+def register(area: str, sections: tuple[str, ...] = ()) -> Callable[[BenchFn], BenchFn]:
+    """Decorator that registers `fn(ctx) -> dict of JSON figures` as the benchmark of `area`; `sections` names
+    the parts `--section` may run alone (their figures are merged into the saved results)."""
     if not area or area == "all":
         raise BriskError(f"invalid benchmark area name '{area}'; use a short name other than 'all'")
 
     def decorate(fn: BenchFn) -> BenchFn:
         _REGISTRY[area] = fn
+        _SECTIONS[area] = tuple(sections)
         return fn
 
     return decorate
@@ -194,6 +203,36 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> Path:
     return path
 
 
+def sections_of(area: str) -> tuple[str, ...]:
+    """The sections `--section` may pick: given to `register`, or a declared benchmark module's SECTIONS."""
+    if area in _SECTIONS:
+        return _SECTIONS[area]
+    return tuple(getattr(sys.modules[get_benchmark(area).__module__], "SECTIONS", ()))
+
+
+def check_sections(area: str, sections: tuple[str, ...]) -> None:
+    """A BriskError unless every chosen section is one that `area` registered."""
+    if not sections:
+        return
+    if area == "all":
+        raise BriskError("--section needs one benchmark area, not 'all'")
+    get_benchmark(area)
+    known = sections_of(area)
+    unknown = [s for s in sections if s not in known]
+    if unknown:
+        offer = f"choose from {', '.join(known)}" if known else "this area has no sections; drop --section"
+        raise BriskError(f"benchmark area '{area}' has no section {', '.join(map(repr, unknown))}: {offer}")
+
+
+def merge_sections(saved: Path, result: Mapping[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
+    """The saved results of an area with a section run's figures put in (other figures and the meta kept; the
+    run's meta goes under meta.sections.<name>), so one section can be re-measured alone."""
+    old = json.loads(saved.read_text(encoding="utf-8")) if saved.exists() else {}
+    meta = dict(old.get("meta", {}))
+    meta["sections"] = {**meta.get("sections", {}), **{name: result["meta"] for name in sections}}
+    return {**figures_of(old), **figures_of(result), "meta": meta}
+
+
 def _plots_dir(results_dir: Path | None, out: Path | None) -> Path:
     """Where plots go: next to the results, else next to `out`, else a temporary folder."""
     if results_dir is not None:
@@ -211,11 +250,13 @@ def run_benchmark(
     results_dir: Path | None = None,
     save_results: bool = True,
     progress: Callable[..., Any] | None = None,
+    sections: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run `area` (or 'all'), save JSON to `out` and to results_dir, regenerate BENCHMARKS.md, return it.
 
     results_dir defaults to <repo root>/benchmarks/results (skipped outside a repository);
-    save_results=False writes only `out`. BENCHMARKS.md is written next to results_dir.
+    save_results=False writes only `out`. BENCHMARKS.md is written next to results_dir. `sections` runs only
+    those sections of the area and merges their figures into its saved results.
     """
     if save_results and results_dir is None:
         results_dir = default_results_dir()
@@ -226,12 +267,16 @@ def run_benchmark(
     areas = available_areas() if area == "all" else [area]
     if area != "all":
         get_benchmark(area)  # fail fast with the list of available areas
+    sections = tuple(sections)
+    check_sections(area, sections)
     results: dict[str, dict[str, Any]] = {}
     for name in areas:
-        ctx = BenchContext(quick=quick, seed=seed, out_dir=plots / name, progress=progress or _default_progress)
+        ctx = BenchContext(quick=quick, seed=seed, out_dir=plots / name, progress=progress or _default_progress,
+                           sections=sections)
         results[name] = run_area(name, ctx)
         if results_dir is not None:
-            _write_json(Path(results_dir) / f"{name}.json", results[name])
+            saved = Path(results_dir) / f"{name}.json"
+            _write_json(saved, merge_sections(saved, results[name], sections) if sections else results[name])
     if results_dir is not None:
         write_benchmarks_md(Path(results_dir), Path(results_dir).parent / "BENCHMARKS.md")
     if area == "all":

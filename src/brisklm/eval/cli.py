@@ -39,7 +39,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     _use_agg()
     results_dir = default_results_dir()
-    result = run_benchmark(args.area, quick=args.quick, out=args.out, seed=args.seed, results_dir=results_dir)
+    result = run_benchmark(args.area, quick=args.quick, out=args.out, seed=args.seed, results_dir=results_dir,
+                           sections=tuple(args.section))
     per_area = result["areas"] if args.area == "all" else {args.area: result}
     for area, area_result in per_area.items():
         _print_result(area, area_result)
@@ -71,6 +72,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--quick", action="store_true", help="small sizes, for CI and smoke tests")
     bench.add_argument("--out", type=Path, default=None, metavar="FILE.json", help="also write the JSON here")
     bench.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    bench.add_argument("--section", action="append", default=[], metavar="NAME",
+                       help="run only this section of the area (repeatable; e.g. streaming: real_shape); its "
+                            "figures are merged into the saved results")
     add_device_args(bench)
     bench.set_defaults(func=_bench)
 

@@ -78,6 +78,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-").lower() or "item"
 
 
+def save_figure(fig: Any, out_dir: Path | None, name: str) -> Path | None:
+    """Save a benchmark plot as out_dir/name (folder created, 110 dpi, tight box); None when out_dir is None."""
+    if out_dir is None:
+        return None
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
 def figure_html(fig: Any, out_dir: Path, name: str, alt: str | None = None) -> str:
     """Save a matplotlib Figure as out_dir/figures/<name>.png and return an <img> tag with a relative path."""
     out_dir = Path(out_dir)

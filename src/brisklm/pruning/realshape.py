@@ -11,8 +11,6 @@ s / i and the stricter (s - 1) / (i - 1) (the share of the ideal saving that bec
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -23,6 +21,8 @@ from brisklm.core.executor import execute
 from brisklm.core.flops import FlopsCounter, layer_macs
 from brisklm.core.plan import LayerStep, Plan
 from brisklm.core.realshape_bench import QWEN25_05B, random_model
+from brisklm.core.timing import interleaved_medians as interleaved
+from brisklm.core.timing import speedup_ratios as ratios
 from brisklm.pruning.calibration import CalibData
 from brisklm.pruning.gating import GatedRouting
 from brisklm.pruning.routers import EXECUTE, RouterSet
@@ -32,30 +32,6 @@ SHAPE = {**QWEN25_05B, "num_hidden_layers": 8}
 SPARSITIES = (0.25, 0.40)
 FULL = dict(prefill=((1, 512), (8, 512)), prompt=512, new_tokens=32, repeats=5, masked_batches=(1, 8))
 QUICK = dict(prefill=((1, 512), (8, 32)), prompt=512, new_tokens=8, repeats=2, masked_batches=(1,))
-
-
-def ratios(baseline_s: float, method_s: float, ideal: float) -> dict[str, float | None]:
-    """Speed-up s = baseline / method, s / ideal and (s - 1) / (ideal - 1) (None when the ideal is no saving)."""
-    speedup = baseline_s / method_s
-    return {"speedup": speedup, "speedup_over_ideal": speedup / ideal,
-            "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else None}
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each callable, timed in interleaved rounds whose order rotates by one each round
-    (shared-CPU noise and any position effect hit all of them alike)."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    names = list(fns)
-    for round_ in range(repeats):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            fn = fns[name]
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 @torch.no_grad()

@@ -1,7 +1,10 @@
 """`brisk bench streaming`: BLEU / AL / LAAL of GPE, re-encoding, offline and interleaved; cost of GPE vs re-encoding.
 
-Models: translate-gpe (GPE engine), translate-offline (batch LLM: offline, and wait-k with full re-encoding),
-translate-interleaved (arrival order, one cache). Costs are measured in the same run on the same streams.
+Sections (`--section NAME` runs one alone and merges it into the saved results):
+- zoo: models translate-gpe (GPE engine), translate-offline (batch LLM: offline, and wait-k with full
+  re-encoding), translate-interleaved (arrival order, one cache); costs measured in the same run, same streams;
+- kv_cache_append_cost: KVCache's per-token write cost as a stream grows (flat), against a cat per token;
+- real_shape: GPE vs re-encoding on a Qwen2.5-0.5B-shaped random model with a BPE tokenizer (realshape.py).
 """
 
 from __future__ import annotations
@@ -9,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-
-from brisklm.core.timing import one_torch_thread
-from brisklm.core.timing import time_many
+from brisklm.core.timing import one_torch_thread, time_many
 from brisklm.eval.bench import BenchContext
 from brisklm.eval.metrics import LatencyInstance, bleu, corpus_latency
+from brisklm.eval.report import save_figure
 from brisklm.streaming.engine import reference_logits
 from brisklm.streaming.policies import DecodeResult, gpe_wait_k, interleaved_wait_k, offline, reencode_wait_k
 from brisklm.tasks.translation import TranslationTask
@@ -121,10 +123,14 @@ def engine_exactness(n_streams: int, k: int = 3, seed: int = 0) -> float:
     return worst
 
 
-def cache_write_cost(length: int = 4096, windows: Sequence[int] = (256, 1024, 4096), layers: int = 8,
+WINDOWS = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def cache_write_cost(length: int = 4096, windows: Sequence[int] = WINDOWS, layers: int = 8,
                      kv_heads: int = 2, head_dim: int = 64, repeats: int = 3) -> dict[str, Any]:
     """Microseconds per appended token per layer of KVCache.update, by stream-length window, against the old
-    append (a torch.cat of the whole cache per token per layer) in the same run; medians of `repeats` streams.
+    append (a torch.cat of the whole cache per token per layer) in the same run, alternating; medians of
+    `repeats` streams.
 
     Qwen2.5-0.5B's K/V shape (2 kv heads of 64); one token per step, as a streaming writer appends."""
     import time
@@ -160,8 +166,13 @@ def cache_write_cost(length: int = 4096, windows: Sequence[int] = (256, 1024, 40
         return out
 
     figures: dict[str, Any] = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "repeats": repeats}
-    for name, grow in (("grown_buffer", True), ("cat_per_token", False)):
-        runs = [stream(grow) for _ in range(repeats)]
+    variants = (("grown_buffer", True), ("cat_per_token", False))
+    samples: dict[str, list[list[float]]] = {name: [] for name, _ in variants}
+    for r in range(repeats):  # alternate the two (first one, then the other) so shared-CPU load hits both alike
+        for name, grow in variants[r % 2:] + variants[:r % 2]:
+            samples[name].append(stream(grow))
+    for name, _ in variants:
+        runs = samples[name]
         figures[f"us_per_token_layer_{name}"] = {
             f"{lo}-{hi}": round(sorted(r[i] for r in runs)[len(runs) // 2], 2)
             for i, (lo, hi) in enumerate(zip([0, *windows], windows))}
@@ -185,29 +196,75 @@ def bleu_laal_figure(figures: dict[str, Any], out_dir: Path | None = None):
     ax.set_title("simultaneous translation: quality vs latency")
     ax.legend()
     ax.grid(alpha=0.3)
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(out_dir) / "streaming_bleu_vs_laal.png", dpi=110, bbox_inches="tight")
+    save_figure(fig, out_dir, "streaming_bleu_vs_laal.png")
     return fig
 
 
+def cache_cost_figure(figures: dict[str, Any], out_dir: Path | None = None):
+    """Microseconds per appended token per layer against stream length: KVCache's buffer vs a cat per token."""
+    from brisklm.eval.report import new_figure
+
+    fig = new_figure(6.0, 4.0)
+    ax = fig.add_subplot(111)
+    for name, marker in (("grown_buffer", "o"), ("cat_per_token", "s")):
+        cost = figures[f"us_per_token_layer_{name}"]
+        ax.plot([int(k.split("-")[1]) for k in cost], list(cost.values()), marker=marker, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("stream length (tokens held, end of window)")
+    ax.set_ylabel("µs per appended token per layer")
+    ax.set_title("KVCache append cost as a stream grows")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, out_dir, "streaming_kv_append_cost.png")
+    return fig
+
+
+SECTIONS = ("zoo", "kv_cache_append_cost", "real_shape")  # `brisk bench streaming --section NAME` runs one
+
+
 def streaming_benchmark(ctx: BenchContext) -> dict[str, Any]:
-    """All streaming figures: quality per method and k, cost of GPE vs re-encoding, engine exactness."""
+    """All streaming figures: quality per method and k, cost of GPE vs re-encoding, engine exactness (zoo
+    models), the KV-cache append cost, and the real-shape cost section."""
+    figures: dict[str, Any] = {}
     with one_torch_thread():
-        figures = quality_table(100 if ctx.quick else 300, seed=ctx.seed, progress=ctx.progress)
-        lengths = (10, 20, 40) if ctx.quick else (10, 20, 40, 60)
-        cost = cost_table(lengths, 8 if ctx.quick else 16, k=3, repeats=3 if ctx.quick else 5, seed=ctx.seed,
-                          progress=ctx.progress)
-        figures["cost_by_source_length_k3"] = cost
-        for key in ("forward_tokens_gpe", "forward_tokens_reencode", "wall_gpe_s", "wall_reencode_s"):
-            figures[key] = cost["n20"][key]
-        figures["forward_tokens_ratio_n20"] = cost["n20"]["forward_tokens_ratio"]
-        figures["wall_ratio_n20"] = cost["n20"]["wall_ratio"]
-        figures["engine_vs_full_max_abs_diff"] = engine_exactness(10 if ctx.quick else 30, seed=ctx.seed)
-        figures["kv_cache_append_cost"] = cache_write_cost(1024 if ctx.quick else 4096,
-                                                           (128, 512, 1024) if ctx.quick else (256, 1024, 4096))
-        for other in ("reencode", "reencode_strict"):
-            figures[f"bleu_gap_gpe_minus_{other}"] = {
-                f"k{k}": round(figures["bleu"]["gpe"][f"k{k}"] - figures["bleu"][other][f"k{k}"], 2) for k in KS}
-        bleu_laal_figure(figures, ctx.out_dir)
+        if ctx.wants("zoo"):
+            figures.update(zoo_figures(ctx))
+        if ctx.wants("kv_cache_append_cost"):
+            cost = cache_write_cost(1024 if ctx.quick else 4096, WINDOWS[:5] if ctx.quick else WINDOWS,
+                                    repeats=1 if ctx.quick else 5)
+            figures["kv_cache_append_cost"] = cost
+            cache_cost_figure(cost, ctx.out_dir)
+        if ctx.wants("real_shape"):
+            from brisklm.streaming.realshape import real_shape_figure, real_shape_figures
+
+            real = real_shape_figures(ctx.quick, ctx.seed, ctx.progress)
+            key = real_shape_key(real["device"], real["dtype"])  # a GPU run keeps the CPU figures beside it
+            figures[key] = real
+            save_figure(real_shape_figure(real), ctx.out_dir, f"streaming_{key}.png")
+    return figures
+
+
+def real_shape_key(device: str, dtype: str) -> str:
+    """`real_shape` for the CPU in float32, else e.g. `real_shape_cuda_bfloat16`."""
+    if device == "cpu" and dtype == "float32":
+        return "real_shape"
+    return f"real_shape_{device.split(':')[0]}_{dtype}"
+
+
+def zoo_figures(ctx: BenchContext) -> dict[str, Any]:
+    """Quality, cost and exactness figures on the zoo's translation models."""
+    figures = quality_table(100 if ctx.quick else 300, seed=ctx.seed, progress=ctx.progress)
+    lengths = (10, 20, 40) if ctx.quick else (10, 20, 40, 60)
+    cost = cost_table(lengths, 8 if ctx.quick else 16, k=3, repeats=3 if ctx.quick else 5, seed=ctx.seed,
+                      progress=ctx.progress)
+    figures["cost_by_source_length_k3"] = cost
+    for key in ("forward_tokens_gpe", "forward_tokens_reencode", "wall_gpe_s", "wall_reencode_s"):
+        figures[key] = cost["n20"][key]
+    figures["forward_tokens_ratio_n20"] = cost["n20"]["forward_tokens_ratio"]
+    figures["wall_ratio_n20"] = cost["n20"]["wall_ratio"]
+    figures["engine_vs_full_max_abs_diff"] = engine_exactness(10 if ctx.quick else 30, seed=ctx.seed)
+    for other in ("reencode", "reencode_strict"):
+        figures[f"bleu_gap_gpe_minus_{other}"] = {
+            f"k{k}": round(figures["bleu"]["gpe"][f"k{k}"] - figures["bleu"][other][f"k{k}"], 2) for k in KS}
+    bleu_laal_figure(figures, ctx.out_dir)
     return figures
