@@ -21,6 +21,7 @@ from brisklm.core.timing import one_torch_thread
 from brisklm.errors import BriskError
 from brisklm.eval.bench import BenchContext
 from brisklm.eval.metrics import bleu
+from brisklm.eval.report import save_figure
 from brisklm.streaming.bench import latency
 from brisklm.streaming.proactive.heads import (Head, SufficiencyData, adaptive_decode, auroc, load_probe, sufficiency_data,
                                      train_probe)
@@ -195,9 +196,7 @@ def curve_figure(figures: dict[str, Any], out_dir: Path | None = None, name: str
     ax.set_title("variable-lookahead translation: decision heads vs wait-k")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(out_dir) / name, dpi=110, bbox_inches="tight")
+    save_figure(fig, out_dir, name)
     return fig
 
 

@@ -17,6 +17,7 @@ import torch
 
 from brisklm.core.timing import one_torch_thread
 from brisklm.eval.bench import BenchContext
+from brisklm.eval.report import save_figure
 from brisklm.streaming.thinker.data import DEPTHS, MODES, streaming_cot, thinker_task
 from brisklm.streaming.thinker.session import ThinkerResult, reference_logits, think_depths
 from brisklm.streaming.thinker_zoo import BATCH_MODEL, STREAMING_MODEL
@@ -171,9 +172,7 @@ def time_figure(curves: dict[str, Any], step_cost: float, depths: Sequence[str],
     ax.set_title("StreamingThinker vs batch CoT: latency after the input ends")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(out_dir) / "thinker_time_to_answer.png", dpi=110, bbox_inches="tight")
+    save_figure(fig, out_dir, "thinker_time_to_answer.png")
     return fig
 
 
