@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from brisklm.core.text import as_text_layer, word_ids
 from brisklm.errors import BriskError
-from brisklm.serve.policy import CLOSE, READ, WRITE, Item, SlotPolicy, Step, register_policy
+from brisklm.serve.policy import CLOSE, FINISH, READ, WRITE, Item, SlotPolicy, Step, register_policy
 
 HEAD_POLICIES = ("entropy", "attention", "probe")
 DEFAULT_THRESHOLDS = {"entropy": 0.5, "attention": 0.3, "probe": 0.5}  # as `brisk stream translate`
@@ -88,8 +88,10 @@ class HeadPolicy(SlotPolicy):
     ahead to know whether the source goes on: here that look-ahead is the buffer of received words, and where
     it would block, the policy waits for the next message.
 
-    Subword models: the head decides at every written token (a READ mid-word retracts that token; the word's
-    delay stays the source words read at its first token), and min_lag counts words started.
+    Subword models follow `subword.head_decode`: the head decides only at a row whose greedy token would start
+    a target word (or end the target); a token continuing the open word is always written, with no read; and
+    word j is not started before j + min_lag - 1 source words are read while source remains. The length caps
+    are head_decode's, counted on the whole source: while it may go on, a stream at a cap waits for more.
     """
 
     def __init__(self, model, tokenizer, head, threshold: float, *, min_lag: int = 1, phi: int = 0,
@@ -106,27 +108,47 @@ class HeadPolicy(SlotPolicy):
             return None
         return Step(READ, self.buffer[:1]) if more else Step(CLOSE)
 
+    def _cap(self) -> str | None:
+        """head_decode's length caps: 'stop' when reached for good, 'hold' when reached for the source received
+        so far while more may come (the cap grows with the source), None otherwise."""
+        from brisklm.streaming.policies import target_limit, token_limit
+
+        s, b = self.engine.session, self.row
+        if s.words_started(b) >= self.max_words:
+            return "stop"
+        if s.words_started(b) >= target_limit(self.received) or len(s.written[b]) >= token_limit(self.received):
+            return "stop" if self.ended else "hold"
+        return None
+
     def decide(self) -> Step | None:
         s, b = self.engine.session, self.row
+        cap = self._cap()
+        if cap == "stop":
+            s.stop(b)
+            return Step(FINISH)
         if self.read_next and not s.closed[b]:
             return self._read_one()
-        if not s.closed[b] and s.words_read(b) < s.words_started(b) + self.min_lag:
-            more = self._more()
-            if more is None:
-                return None
-            if more:
-                return Step(READ, self.buffer[:1])
-        if self._more() is None:
+        more = self._more()
+        if more is None or cap == "hold":  # a write must know whether source remains (end mask, floor)
             return None
+        # the floor before a word can start: with no word open, every token starts one (or ends the target),
+        # so the READ head_decode's gate would choose after the forward is taken before it (same outputs)
+        if more and not s.closed[b] and not s.target_words[b].open and \
+                s.words_read(b) < s.words_started(b) + self.min_lag:
+            return Step(READ, self.buffer[:1])
         return Step(WRITE)
 
     def forbid_end(self) -> bool:
         return bool(self._more())
 
     def allow(self, session, logits, signals: dict) -> bool:
+        from brisklm.streaming.proactive.subword import starts_word
+
         b = self.row
-        if session.closed[b]:
-            return True
+        if session.closed[b] or not starts_word(session, b, int(logits[b].argmax())):
+            return True  # after the source ended, or inside a word: always write
+        if self._more() and session.words_read(b) < session.words_started(b) + self.min_lag:
+            return False  # the floor: the next word needs more source first
         key = (self.head.name, id(self.head.probe))
         if key not in signals:  # one signal computation per batched write and head kind
             signals[key] = self.head.signal(session, logits)
@@ -138,12 +160,9 @@ class HeadPolicy(SlotPolicy):
         return super().apply_step(step)
 
     def after_write(self) -> None:
-        from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, target_limit
-
         s, b = self.engine.session, self.row
         self.read_next = bool(s.wants_read[b]) and not s.closed[b]
-        cap = min(self.max_words, target_limit(s.words_read(b)))
-        if not s.done[b] and (len(s.outputs[b].words) >= cap or len(s.written[b]) >= MAX_TOKENS_PER_WORD * cap):
+        if not s.done[b] and self._cap() == "stop":
             s.stop(b)
 
 
