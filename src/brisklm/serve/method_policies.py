@@ -254,13 +254,41 @@ class ThinkerPolicy:
         return self.thinker.input_cache.nbytes() + self.thinker.reasoning_cache.nbytes()
 
 
-def _thinker_factory(model, tokenizer, depth: Any = "D2", mode: Any = "streaming", max_unit_tokens: Any = 12,
-                     max_final_tokens: Any = 64, engines=None, **unused: Any) -> ThinkerPolicy:
+def _served_folder(model) -> Path | None:
+    path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def _thinker_factory(model, tokenizer, depth: Any = None, mode: Any = None, max_unit_tokens: Any = None,
+                     max_final_tokens: Any = None, engines=None, **unused: Any):
+    """The word-level zoo thinker (one session at a time) on a thinker-zoo model; otherwise the text thinker
+    of any subword checkpoint, batched across sessions on slots (serve/thinker_slots.py)."""
+    text = as_text_layer(tokenizer)
+    if not text.word_level:
+        from brisklm.serve.thinker_slots import TextThinkerPolicy
+        from brisklm.streaming.thinker.text import load_settings, unit_end
+
+        _reject_unknown("thinker", unused, ("max_unit_tokens", "max_final_tokens"))
+        if depth is not None or mode is not None:
+            raise BriskError("policy thinker options depth and mode apply to the word-level thinker zoo models; "
+                             "on this checkpoint pass only max_unit_tokens and max_final_tokens")
+        folder = _served_folder(model)
+        marker = unit_end(text, load_settings(folder).get("unit_end") if folder is not None else None)[1]
+        return TextThinkerPolicy(
+            model, text, marker,
+            max_unit_tokens=_positive_int("max_unit_tokens", 48 if max_unit_tokens is None else max_unit_tokens,
+                                          "thinker"),
+            max_final_tokens=_positive_int("max_final_tokens", 128 if max_final_tokens is None else max_final_tokens,
+                                           "thinker"),
+            engines=engines)
     _reject_unknown("thinker", unused, ("depth", "mode", "max_unit_tokens", "max_final_tokens"))
+    depth, mode = "D2" if depth is None else depth, "streaming" if mode is None else mode
     if not isinstance(depth, str) or not isinstance(mode, str):
         raise BriskError("policy thinker options depth and mode must be strings (e.g. depth D2, mode streaming)")
-    return ThinkerPolicy(model, as_text_layer(tokenizer).tokenizer, depth, mode, _positive_int("max_unit_tokens", max_unit_tokens, "thinker"),
-                         _positive_int("max_final_tokens", max_final_tokens, "thinker"))
+    return ThinkerPolicy(model, text.tokenizer, depth, mode,
+                         _positive_int("max_unit_tokens", 12 if max_unit_tokens is None else max_unit_tokens, "thinker"),
+                         _positive_int("max_final_tokens", 64 if max_final_tokens is None else max_final_tokens,
+                                       "thinker"))
 
 
 for _name, _what in (("entropy", "WRITE when the predictive entropy <= threshold (nats)"),
