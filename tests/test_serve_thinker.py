@@ -41,10 +41,10 @@ def checkpoint(fixture_checkpoints):
     return got.model, TextLayer.for_model(got.model, got.tokenizer)
 
 
-def alone(model, text, question, sentences):
+def alone(model, text, question, sentences, marker=None):
     """TextThinkerSession on one stream: units, final text, answer."""
-    session = TextThinkerSession(model, text, 1, marker=unit_end(text)[1], max_unit_tokens=OPTIONS["max_unit_tokens"],
-                                 max_final_tokens=OPTIONS["max_final_tokens"])
+    session = TextThinkerSession(model, text, 1, marker=marker or unit_end(text)[1],
+                                 max_unit_tokens=OPTIONS["max_unit_tokens"], max_final_tokens=OPTIONS["max_final_tokens"])
     session.start([question])
     for sentence in sentences:
         session.read([sentence])
@@ -116,3 +116,30 @@ def test_split_segments():
     assert split_segments(["Q", "a?", "b", "c.", "d?", "e"], False) == ([["Q", "a?"], ["b", "c."], ["d?"]], ["e"])
     assert split_segments(["x.", "y"], False) == ([], ["x.", "y"])
     assert split_segments(["x.", "y!"], True) == ([["x."], ["y!"]], [])
+
+
+def test_the_checkpoints_thinker_settings_are_used(fixture_checkpoints, tmp_path):
+    """thinker.json beside the checkpoint (written by `brisk think train`): its unit end and plain layout."""
+    import shutil
+
+    from brisklm.streaming.thinker.text import save_settings
+    from brisklm.zoo.store import load
+
+    folder = tmp_path / "qwen2"
+    shutil.copytree(fixture_checkpoints("qwen2"), folder)
+    save_settings(folder, ";", chat_template=False)
+    got = load(str(folder))
+    served_text = TextLayer.for_model(got.model, got.tokenizer)
+    assert served_text.chat_template, "the fixture has a chat template: the plain layout would go untested"
+    plain = TextLayer.for_model(got.model, got.tokenizer, chat_template=False)
+    expected = [alone(got.model, plain, q, s, marker=unit_end(plain, ";")[1]) for q, s in EXAMPLES[:2]]
+    default = alone(got.model, served_text, *EXAMPLES[0])
+    assert default != expected[0], "the settings change nothing here: the check could not fail"
+    app = create_app(got.model, served_text, policy="thinker", options=OPTIONS, limits=Limits(max_source_words=60))
+    with BackgroundServer(app) as srv:
+        async def main():
+            return await asyncio.gather(*[translate_over_ws(srv.ws_url, " ".join([q, *s]).split(), timeout=T)
+                                          for q, s in EXAMPLES[:2]])
+
+        results = run(main())
+    assert [served(r) for r in results] == expected

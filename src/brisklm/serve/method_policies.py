@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from brisklm.core.text import as_text_layer, word_ids
+from brisklm.core.text import TextLayer, as_text_layer, word_ids
 from brisklm.errors import BriskError
 from brisklm.serve.policy import CLOSE, FINISH, READ, WRITE, Item, SlotPolicy, Step, register_policy
 
@@ -273,7 +273,10 @@ def _thinker_factory(model, tokenizer, depth: Any = None, mode: Any = None, max_
             raise BriskError("policy thinker options depth and mode apply to the word-level thinker zoo models; "
                              "on this checkpoint pass only max_unit_tokens and max_final_tokens")
         folder = _served_folder(model)
-        marker = unit_end(text, load_settings(folder).get("unit_end") if folder is not None else None)[1]
+        settings = load_settings(folder) if folder is not None else {}
+        if settings.get("chat_template") is False and text.chat_template:  # trained on the plain layout: keep it
+            text = TextLayer.for_model(model, text.tokenizer, chat_template=False)
+        marker = unit_end(text, settings.get("unit_end"))[1]
         return TextThinkerPolicy(
             model, text, marker,
             max_unit_tokens=_positive_int("max_unit_tokens", 48 if max_unit_tokens is None else max_unit_tokens,

@@ -150,7 +150,7 @@ class TextThinkerPolicy(SlotPolicy):
         super().__init__(model, text, engines=engines)
         self.model, self.marker = model, list(marker)
         self.max_unit_tokens, self.max_final_tokens = max_unit_tokens, max_final_tokens
-        self.key = ("text-thinker", tuple(self.marker), max_unit_tokens, max_final_tokens)
+        self.key = ("text-thinker", tuple(self.marker), max_unit_tokens, max_final_tokens, self.text.chat_template)
         self.segments_read = 0  # the question included
         self.consumed = 0  # source words handed to the engine
         self.sent_units = 0
