@@ -2,19 +2,22 @@
 
 Imported by serve/policy.py (PLUGIN_MODULES); registers:
 
-* `entropy`, `attention`, `probe`: a decision head chooses READ or WRITE at every step, with the rules of
-  `heads.live_decode` (same words and delays). Options: threshold (default per head, as `brisk stream
-  translate`), min_lag, phi, max_words. The probe is loaded once per model folder from the checkpoint the
-  server serves (e.g. translate-proactive); clients cannot name files.
-* `thinker`: StreamingThinker on a thinker model (streaming-thinker). The source is the question ending with
-  '?' and then facts each ending with '.'; a `reason` frame carries each reasoning unit the moment its segment
-  is complete, and at the end a `reason` frame with the final segment (extra fields final=true, answer) and
-  the answer as the session's one target word (so `done.words == [answer]`). Options: depth (D1/D2/D3,
-  default D2), mode (streaming/batch), max_unit_tokens, max_final_tokens.
+* `entropy`, `attention`, `probe`: a decision head chooses READ or WRITE, with the rules of
+  `heads.live_decode` on word-level models and of `subword.head_decode` on subword ones (same words and
+  delays: a head decides only where a target word starts). Options: threshold (default per head, as `brisk
+  stream translate`), min_lag, phi, max_words. The probe is loaded once per model folder from the checkpoint
+  the server serves (e.g. translate-proactive); clients cannot name files.
+* `thinker`: on a subword checkpoint, the text thinker batched on slots (serve/thinker_slots.py; options
+  max_unit_tokens, max_final_tokens). On a word-level thinker zoo model (streaming-thinker): the source is the
+  question ending with '?' and then facts each ending with '.'; a `reason` frame carries each reasoning unit
+  the moment its segment is complete, and at the end a `reason` frame with the final segment (extra fields
+  final=true, answer) and the answer as the session's one target word (so `done.words == [answer]`). Options:
+  depth (D1/D2/D3, default D2), mode (streaming/batch), max_unit_tokens, max_final_tokens.
 
-The heads are slot policies: their reads, closes and writes run batched with every other session of the same
-engine (wait-k sessions included), and each head's signal is computed once per batched write. The thinker
-still uses the minimal protocol (on_words / on_end): the scheduler runs it one session at a time.
+The heads and the text thinker are slot policies: their engine steps run batched with every other session of
+the same engine (wait-k sessions included, for the heads), and each head's signal is computed once per batched
+write. The word-level zoo thinker still uses the minimal protocol (on_words / on_end): the scheduler runs it
+one session at a time (ThinkerSession is one stream).
 """
 
 from __future__ import annotations
