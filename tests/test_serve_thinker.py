@@ -143,3 +143,18 @@ def test_the_checkpoints_thinker_settings_are_used(fixture_checkpoints, tmp_path
 
         results = run(main())
     assert [served(r) for r in results] == expected
+
+
+def test_the_minimal_protocol_runs_the_same_steps(checkpoint):
+    """on_words / on_end (one session alone, as with --no-batching) give the units and final of the session alone."""
+    from brisklm.serve.policy import make_policy
+
+    model, text = checkpoint
+    question, sentences = EXAMPLES[1]
+    policy = make_policy("thinker", model, text, **OPTIONS)
+    words = " ".join([question, *sentences]).split()
+    items = policy.on_words(words[:7]) + policy.on_words(words[7:]) + policy.on_end()
+    units = [i.text for i in items if i.kind == "reason" and not i.extra.get("final")]
+    final = next(i for i in items if i.extra.get("final"))
+    assert (units, final.text, final.extra["answer"]) == alone(model, text, question, sentences)
+    assert items[-1].kind == "end" and policy.finished
