@@ -7,34 +7,31 @@ Imported by serve/policy.py (PLUGIN_MODULES); registers:
   delays: a head decides only where a target word starts). Options: threshold (default per head, as `brisk
   stream translate`), min_lag, phi, max_words. The probe is loaded once per model folder from the checkpoint
   the server serves (e.g. translate-proactive); clients cannot name files.
-* `thinker`: on a subword checkpoint, the text thinker batched on slots (serve/thinker_slots.py; options
-  max_unit_tokens, max_final_tokens). On a word-level thinker zoo model (streaming-thinker): the source is the
+* `thinker`: on a subword checkpoint, the text thinker (serve/thinker_slots.py; options max_unit_tokens,
+  max_final_tokens). On a word-level thinker zoo model (streaming-thinker): the source is the
   question ending with '?' and then facts each ending with '.'; a `reason` frame carries each reasoning unit
   the moment its segment is complete, and at the end a `reason` frame with the final segment (extra fields
   final=true, answer) and the answer as the session's one target word (so `done.words == [answer]`). Options:
   depth (D1/D2/D3, default D2), mode (streaming/batch), max_unit_tokens, max_final_tokens.
 
-The heads and the text thinker are slot policies: their engine steps run batched with every other session of
-the same engine (wait-k sessions included, for the heads), and each head's signal is computed once per batched
-write. The word-level zoo thinker still uses the minimal protocol (on_words / on_end): the scheduler runs it
-one session at a time (ThinkerSession is one stream).
+All are slot policies: their engine steps run batched with every other session of the same engine (wait-k
+sessions included, for the heads), and each head's signal is computed once per batched write. The thinkers
+run on thinker slot engines (serve/thinker_slots.py; the zoo models' steps in serve/zoo_thinker_slots.py).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from brisklm.core.text import TextLayer, as_text_layer, word_ids
+from brisklm.core.text import TextLayer, as_text_layer
 from brisklm.errors import BriskError
 from brisklm.serve.policy import CLOSE, FINISH, READ, WRITE, Item, SlotPolicy, Step, register_policy
 
 HEAD_POLICIES = ("entropy", "attention", "probe")
 DEFAULT_THRESHOLDS = {"entropy": 0.5, "attention": 0.3, "probe": 0.5}  # as `brisk stream translate`
-QUESTION_END, FACT_END = "?", "."
 
 _PROBES: dict[str, Any] = {}
 _PROBES_LOCK = threading.Lock()
@@ -185,78 +182,6 @@ def _head_factory(name: str):
 
 
 # ------------------------------------------------------------------------------------------------ StreamingThinker
-class ThinkerPolicy:
-    """StreamingThinker over a word stream: '?' closes the question, '.' closes each fact, 'end' asks for the answer."""
-
-    name = "thinker"
-
-    def __init__(self, model, tokenizer, depth: str = "D2", mode: str = "streaming", max_unit_tokens: int = 12,
-                 max_final_tokens: int = 64) -> None:
-        from brisklm.streaming.thinker.session import ThinkerSession
-
-        self.tokenizer = tokenizer
-        self.thinker = ThinkerSession(model, tokenizer, depth, mode=mode, max_unit_tokens=max_unit_tokens,
-                                      max_final_tokens=max_final_tokens)
-        self.segment: list[str] = []  # words of the question / fact being received
-        self.received = 0
-        self.sent_units = 0
-        self.ended = False
-
-    def check_words(self, words: Sequence[str]) -> None:
-        word_ids(self.tokenizer, list(words))  # raises naming unknown words / a subword tokenizer
-
-    def _new_units(self, unlocked_at: float) -> list[Item]:
-        """`reason` items for units the session wrote since the last call."""
-        items = []
-        for unit in self.thinker.units[self.sent_units:]:
-            self.sent_units += 1
-            items.append(Item("reason", unit, self.received, self.sent_units, unlocked_at,
-                              {"unit": self.sent_units - 1}))
-        return items
-
-    def on_words(self, words: Sequence[str]) -> list[Item]:
-        if self.ended:
-            raise BriskError("the source already ended: send no words after 'end'")
-        self.check_words(words)
-        now, items = time.perf_counter(), []
-        for word in words:
-            self.received += 1
-            self.segment.append(word)
-            if word == QUESTION_END:
-                if self.thinker.started:
-                    raise BriskError("a second '?': send the question once, then facts that each end with '.'")
-                self.thinker.read_question(self.segment)
-            elif word == FACT_END:
-                if not self.thinker.started:
-                    raise BriskError("a fact came before the question: send the question first, ending with '?' "
-                                     "(e.g. 'Q: C from A ?'), then facts such as 'B = A + 4 .'")
-                self.thinker.read_fact(self.segment)
-            else:
-                continue
-            self.segment = []
-            items += self._new_units(now)
-        return items
-
-    def on_end(self) -> list[Item]:
-        if self.ended:
-            raise BriskError("the source already ended: send 'end' once")
-        if not self.thinker.started:
-            raise BriskError("the source has no question: send the question ending with '?' before 'end'")
-        if self.segment:
-            raise BriskError(f"the last fact {' '.join(self.segment)!r} does not end with '.': finish it before 'end'")
-        self.ended = True
-        now = time.perf_counter()
-        final, answer = self.thinker.finish()
-        items = self._new_units(now)  # batch mode writes its units only now
-        items.append(Item("reason", final, self.received, self.sent_units + 1, now, {"final": True, "answer": answer}))
-        items.append(Item("word", answer, self.received, 1, now))
-        items.append(Item("end", answer, self.received, 1, now, {"truncated": self.thinker.truncated}))
-        return items
-
-    def memory_bytes(self) -> int:
-        return self.thinker.input_cache.nbytes() + self.thinker.reasoning_cache.nbytes()
-
-
 def _served_folder(model) -> Path | None:
     path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
     return Path(path) if path and Path(path).is_dir() else None
@@ -264,8 +189,8 @@ def _served_folder(model) -> Path | None:
 
 def _thinker_factory(model, tokenizer, depth: Any = None, mode: Any = None, max_unit_tokens: Any = None,
                      max_final_tokens: Any = None, engines=None, **unused: Any):
-    """The word-level zoo thinker (one session at a time) on a thinker-zoo model; otherwise the text thinker
-    of any subword checkpoint, batched across sessions on slots (serve/thinker_slots.py)."""
+    """The zoo thinker protocol on a thinker zoo model (word-level), else the text thinker of any subword
+    checkpoint; both batched across sessions on thinker slot engines (serve/thinker_slots.py)."""
     text = as_text_layer(tokenizer)
     if not text.word_level:
         from brisklm.serve.thinker_slots import TextThinkerPolicy
@@ -291,10 +216,14 @@ def _thinker_factory(model, tokenizer, depth: Any = None, mode: Any = None, max_
     depth, mode = "D2" if depth is None else depth, "streaming" if mode is None else mode
     if not isinstance(depth, str) or not isinstance(mode, str):
         raise BriskError("policy thinker options depth and mode must be strings (e.g. depth D2, mode streaming)")
-    return ThinkerPolicy(model, text.tokenizer, depth, mode,
-                         _positive_int("max_unit_tokens", 12 if max_unit_tokens is None else max_unit_tokens, "thinker"),
-                         _positive_int("max_final_tokens", 64 if max_final_tokens is None else max_final_tokens,
-                                       "thinker"))
+    from brisklm.serve.zoo_thinker_slots import ZooThinkerPolicy
+
+    return ZooThinkerPolicy(model, text, depth, mode,
+                            max_unit_tokens=_positive_int("max_unit_tokens", 12 if max_unit_tokens is None
+                                                          else max_unit_tokens, "thinker"),
+                            max_final_tokens=_positive_int("max_final_tokens", 64 if max_final_tokens is None
+                                                           else max_final_tokens, "thinker"),
+                            engines=engines)
 
 
 for _name, _what in (("entropy", "WRITE when the predictive entropy <= threshold (nats)"),

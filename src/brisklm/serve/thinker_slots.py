@@ -18,7 +18,6 @@ the answer as the session's one target word. Outputs equal `TextThinkerSession` 
 from __future__ import annotations
 
 import copy
-import time
 from typing import Sequence
 
 from brisklm.core.text import TextLayer
@@ -36,10 +35,12 @@ PER_ROW = {"src_tokens": 0, "tgt_tokens": 0, "segments": -1, "pending": [], "uni
 class ThinkerEngine:
     """A batched TextThinkerSession whose rows are taken and given back by server sessions."""
 
+    per_row = PER_ROW  # the session's per-row lists and their fresh values
+
     def __init__(self, model, text: TextLayer, marker: Sequence[int], *, max_unit_tokens: int = 48,
-                 max_final_tokens: int = 128, max_rows: int = 64) -> None:
-        self.session = TextThinkerSession(model, text, 1, marker=marker, max_unit_tokens=max_unit_tokens,
-                                          max_final_tokens=max_final_tokens)
+                 max_final_tokens: int = 128, max_rows: int = 64, session: TextThinkerSession | None = None) -> None:
+        self.session = session if session is not None else TextThinkerSession(
+            model, text, 1, marker=marker, max_unit_tokens=max_unit_tokens, max_final_tokens=max_final_tokens)
         self.text, self.max_rows = text, max_rows
         self.slots: list[Slot | None] = [None]
         self.calls = 0
@@ -62,7 +63,7 @@ class ThinkerEngine:
         slot = Slot(self, row)  # type: ignore[arg-type] - Slot only needs release()
         self.slots[row] = slot
         s = self.session
-        for name, fresh in PER_ROW.items():
+        for name, fresh in self.per_row.items():
             getattr(s, name)[row] = copy.copy(fresh)
         reset_row(s.input_cache, row)
         reset_row(s.reasoning_cache, row)
@@ -76,7 +77,7 @@ class ThinkerEngine:
         s = self.session
         grow_cache(s.input_cache, rows)
         grow_cache(s.reasoning_cache, rows)
-        for name, fresh in PER_ROW.items():
+        for name, fresh in self.per_row.items():
             getattr(s, name).extend(copy.copy(fresh) for _ in range(rows))
         s.batch_size += rows
         self.slots += [None] * rows
@@ -144,6 +145,7 @@ class TextThinkerPolicy(SlotPolicy):
     """One thinker stream on a slot of a shared ThinkerEngine (see the module docstring)."""
 
     name = "thinker"
+    answer_always = False  # the answer is a target word only when the model wrote one
 
     def __init__(self, model, text: TextLayer, marker: Sequence[int], *, max_unit_tokens: int = 48,
                  max_final_tokens: int = 128, engines=None) -> None:
@@ -170,9 +172,17 @@ class TextThinkerPolicy(SlotPolicy):
             self.slot = self._engine.acquire()
 
     # ----------------------------------------------------------------------------------- input
+    def _split(self) -> tuple[list[list[str]], list[str]]:
+        """Complete segments in the buffer (the question first while unread) and the unfinished rest."""
+        return split_segments(self.buffer, self.segments_read > 0)
+
     def push_end(self, at: float | None = None) -> None:
+        self._check_end()
+        super().push_end(at)
+
+    def _check_end(self) -> None:
         """Check the source's shape before accepting its end: a question, complete sentences, one at least."""
-        segments, rest = split_segments(self.buffer, self.segments_read > 0)
+        segments, rest = self._split()
         if self.segments_read == 0 and not segments:
             raise BriskError("the source has no question: the question must end with a word ending in '?' "
                              "(e.g. 'Who owns the cat?'), then the context sentences")
@@ -181,13 +191,12 @@ class TextThinkerPolicy(SlotPolicy):
                              "before 'end'")
         if self.segments_read + len(segments) < 2:
             raise BriskError("the source has no context: send at least one sentence after the question")
-        super().push_end(at)
 
     # ----------------------------------------------------------------------------------- steps
     def next_step(self) -> Step | None:
         if self.finished:
             return None
-        segments, _ = split_segments(self.buffer, self.segments_read > 0)
+        segments, _ = self._split()
         if self.slot is None:
             return Step(JOIN) if (segments or self.ended) else None
         state = self.engine.session
@@ -213,17 +222,21 @@ class TextThinkerPolicy(SlotPolicy):
             return []
         if step.kind == FINISH:
             self.finished = True
-            final = state.finals[row] or ""
-            answer = parse_answer(final)
+            final, answer = self._final()
             items = self._new_units()
             items.append(Item("reason", final, self.consumed, self.sent_units + 1, self.unlocked_at,
                               {"final": True, "answer": answer}))
-            if answer:
+            if answer or self.answer_always:
                 items.append(Item("word", answer, self.consumed, 1, self.unlocked_at))
-            items.append(Item("end", answer, self.consumed, int(bool(answer)), self.unlocked_at,
+            items.append(Item("end", answer, self.consumed, int(bool(answer) or self.answer_always), self.unlocked_at,
                               {"truncated": bool(state.truncated[row])}))
             return items
         return []
+
+    def _final(self) -> tuple[str, str]:
+        """The row's final segment and the answer parsed from it."""
+        final = self.engine.session.finals[self.row] or ""
+        return final, parse_answer(final)
 
     def _new_units(self) -> list[Item]:
         items = []
