@@ -84,6 +84,10 @@ def test_concurrent_thinker_sessions_equal_the_session_run_alone(checkpoint):
         assert result.final["words"] == ([answer] if answer else []) and answer == parse_answer(final)
         delays = [f["delay"] for f in result.frames if f["type"] == "reason"]
         assert delays == sorted(delays) and delays[-1] == len(" ".join([question, *sentences]).split())
+        # streamed: every unit came before the ack of the whole source, i.e. before the client sent 'end'
+        reasons = [f for f in result.frames if f["type"] == "reason"]
+        last_ack = max(i for i, f in enumerate(result.frames) if f["type"] == "ack")
+        assert result.frames.index(reasons[-2]) < last_ack < result.frames.index(reasons[-1])
     assert health["mean_batch"] > 1, "the thinker sessions were not batched"
 
 
