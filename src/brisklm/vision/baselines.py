@@ -42,7 +42,8 @@ def _keep_top(score: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
 
 def staged_plan(model, visual: torch.Tensor, stages: Sequence[tuple[int, int]], score: str = "attention",
                 seed: int = 0, record: PruneRecord | None = None, position_ids: torch.Tensor | None = None) -> Plan:
-    """Prune visual tokens after each (layer, keep) stage, ranked by last-token attention or at random."""
+    """Prune visual tokens after each (layer, keep) stage, ranked by last-token attention ("attention"), at
+    random, or keeping the least attended ("bottom", a wrong rule that quality tests must tell apart)."""
     adapter = ModelAdapter.from_model(model)
     layers = [layer for layer, _ in stages]
     if sorted(set(layers)) != layers:
@@ -53,8 +54,8 @@ def staged_plan(model, visual: torch.Tensor, stages: Sequence[tuple[int, int]], 
                              "a layer and before the next one, so the last layer cannot be a stage")
         if keep < 0:
             raise BriskError(f"a stage keeps a non-negative number of visual tokens, got {keep}")
-    if score not in ("attention", "random"):
-        raise BriskError(f"score must be 'attention' or 'random', got {score!r}")
+    if score not in ("attention", "random", "bottom"):
+        raise BriskError(f"score must be 'attention', 'random' or 'bottom', got {score!r}")
     record = record if record is not None else PruneRecord()
     visibility = VisualVisibility()
     by_layer = dict(stages)
@@ -74,6 +75,8 @@ def staged_plan(model, visual: torch.Tensor, stages: Sequence[tuple[int, int]], 
             attention = tap_attention(tap, adapter, stage, visibility)
             record.score_macs += scoring_macs(attention.probs, adapter.head_dim, contributions=False)
             values = to_stream(attention.head_mean().float(), tap.k_meta, meta, rows, float("-inf"))
+            if score == "bottom":  # the least-attended tokens: a deliberately wrong rule (ablation, tests)
+                values = -values
         keep = _keep_top(values, alive, by_layer[stage]) | ~meta["visual"]
         record.observe(layer_idx, {**meta, "valid": meta["valid"] & keep})
         return removal_step(keep, step)
