@@ -98,6 +98,8 @@ class _VisiPrunerState:
         scored = layer_idx - 1  # the layer whose attention decides what enters this one
         start = self.config.detect_from if self.config.detect_from is not None else self.config.shallow_layers
         active = ~self.exited & alive.any(dim=1)
+        if not self.config.deep_exit:  # after firing, nothing is left to decide: stop scoring
+            active = active & ~self.fired
         if scored < start or not bool(active.any()):
             self.record.observe(layer_idx, {**meta, "valid": meta["valid"] & (alive | ~meta["visual"])})
             return step
