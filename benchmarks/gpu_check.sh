@@ -6,7 +6,8 @@
 #   2. the `gpu` tests (pytest -m gpu): no-op plan, generate, streaming, sparse and vision paths on cuda,
 #      fp32 and bf16 against the CPU fp32 reference;
 #   3. the real-shape benchmark (random Qwen2.5-0.5B shape) in float32 and bfloat16 against HF's own forward and
-#      generate; figures go to benchmarks/results/realshape.json and are printed with their ratios.
+#      generate; figures go to benchmarks/results/realshape.json and are printed with their ratios; then the
+#      vision real-shape section (LLaVA-1.5 layout, bfloat16) into benchmarks/results/vision.json (real_shape_cuda).
 # Needs no download beyond the set-up's pip installs (none when the machine already has the packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +74,7 @@ tests=$(( $(date +%s) - t0 ))
 
 t0=$(date +%s)
 BRISK_DEVICE=cuda timeout 360 "$PY" -m brisklm.cli bench realshape --device cuda || status=$?
+BRISK_DEVICE=cuda timeout 240 "$PY" -m brisklm.vision.realshape --device cuda --dtype bfloat16 || status=$?
 bench=$(( $(date +%s) - t0 ))
 
 echo "gpu-check: set-up ${setup} s, gpu tests ${tests} s, real-shape bench ${bench} s; exit status ${status}"

@@ -1,5 +1,6 @@
 """`brisk bench vision`: accuracy kept vs visual tokens kept (VisiPruner, FastV, PyramidDrop, random), analytic
-FLOPs ratios, CPU prefill/decode speed-ups vs dense at batch 1 and 16, the three-stage profile, and ViCA.
+FLOPs ratios, CPU prefill/decode speed-ups vs dense at batch 1 and 16, the three-stage profile, and ViCA; and
+the `real_shape` section (LLaVA-1.5 layout on a Qwen2.5-0.5B-shaped LM, `brisklm.vision.realshape`).
 
 All ratios are against the dense model measured in the same run; timings are medians of repeats, LM only
 (from the merged embeddings; the shared vision tower is excluded and reported separately).
@@ -170,6 +171,9 @@ def blank_image(example: Example) -> Example:
 def bench(ctx: BenchContext) -> dict:
     """Pruning sweep, FLOPs, CPU timings, layer profile and ViCA on the zoo's ShapesVQA LLaVA models."""
     torch.set_grad_enabled(False)
+    from brisklm.vision.realshape import real_shape_figures
+
+    real_shape = real_shape_figures(ctx.quick, ctx.seed, ctx.progress)  # first: needs no zoo model
     loaded = load_vlm("shapes-llava")
     vica = load_vlm("shapes-vica")
     task = get_task("shapes_vqa", **TASK_OPTIONS)
@@ -229,4 +233,5 @@ def bench(ctx: BenchContext) -> dict:
                  "prefill_speedup_b16": timings["batch_16"]["vica"]["prefill_speedup"]},
         "timings": timings,
         "plots": plots,
+        "real_shape": real_shape,
     }

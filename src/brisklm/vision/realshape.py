@@ -6,8 +6,8 @@ every method and is left out). Prefill and per-token decode against HF's own for
 run; the faster of the two is the baseline), in one run, interleaved medians; FastV, PyramidDrop and VisiPruner
 at 75% and 90% of the visual tokens removed, and ViCA; the analytic FLOPs ratio (scoring included) and the
 KV-cache bytes. Speed does not depend on the weights, so random ones measure the real cost.
-`python -m brisklm.vision.realshape [--quick]` runs only this section on $BRISK_DEVICE / $BRISK_DTYPE and merges
-it into benchmarks/results/vision.json (for `make gpu-check`).
+`python -m brisklm.vision.realshape [--quick] [--device D] [--dtype T]` runs only this section and merges it into
+benchmarks/results/vision.json (key real_shape, or real_shape_cuda off the cpu; for `make gpu-check`).
 """
 
 from __future__ import annotations
@@ -203,13 +203,16 @@ def main() -> None:
     import argparse
     import json
 
+    from brisklm.core.device import add_device_args, device_defaults
     from brisklm.eval.bench import default_results_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a small model and one repeat; nothing written")
+    add_device_args(parser)
     args = parser.parse_args()
-    figures = real_shape_figures(args.quick)
-    key = "real_shape" if figures["device"] == "cpu" else "real_shape_" + resolve_device("auto").type
+    with device_defaults(args):
+        figures = real_shape_figures(args.quick)
+    key = "real_shape" if figures["device"] == "cpu" else "real_shape_" + figures["device"].split(":")[0].split()[0]
     print(json.dumps({key: figures}, indent=1))
     results = default_results_dir()
     if results is not None and not args.quick:
