@@ -175,7 +175,8 @@ def _one_batch(model, size: dict, batch: int, device: torch.device, g: torch.Gen
 
 
 @torch.no_grad()
-def real_shape_figures(quick: bool, seed: int = 0, progress: Callable = lambda x, **k: x) -> dict[str, Any]:
+def real_shape_figures(quick: bool, seed: int = 0, progress: Callable = lambda x, **k: x,
+                       on_batch: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Every real-shape figure (module docstring), on $BRISK_DEVICE in $BRISK_DTYPE (cpu float32 by default).
     quick: a narrow 4-layer model, 48 image tokens, one repeat (checks that the section runs; not a timing)."""
     size = QUICK if quick else FULL
@@ -195,6 +196,8 @@ def real_shape_figures(quick: bool, seed: int = 0, progress: Callable = lambda x
     }
     for batch in progress(list(size["batches"]), desc="vision real-shape"):
         out[f"batch_{batch}"] = _one_batch(model, size, batch, device, g)
+        if on_batch is not None:  # partial figures survive a run that is stopped later
+            on_batch(out)
     return out
 
 
@@ -210,16 +213,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small model and one repeat; nothing written")
     add_device_args(parser)
     args = parser.parse_args()
-    with device_defaults(args):
-        figures = real_shape_figures(args.quick)
-    key = "real_shape" if figures["device"] == "cpu" else "real_shape_" + figures["device"].split(":")[0].split()[0]
-    print(json.dumps({key: figures}, indent=1))
     results = default_results_dir()
-    if results is not None and not args.quick:
-        path = results / "vision.json"
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[key] = figures
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+    def save(figures: dict) -> None:
+        key = "real_shape" if figures["device"] == "cpu" else "real_shape_" + figures["device"].split(":")[0].split()[0]
+        print(json.dumps({key: figures}, indent=1), flush=True)
+        if results is not None and not args.quick:
+            path = results / "vision.json"
+            data = json.loads(path.read_text()) if path.exists() else {}
+            data[key] = figures
+            path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+    with device_defaults(args):
+        real_shape_figures(args.quick, on_batch=save)
 
 
 if __name__ == "__main__":
