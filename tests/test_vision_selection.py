@@ -313,3 +313,15 @@ def test_vica_decoding_equals_the_masked_reference_in_logits() -> None:
     assert (scores.steps[1] - ref[:, -1]).abs().max() < 1e-4
     dense = hf_reference(model, embeds, mask, positions)
     assert (dense[:, -1] - ref[:, -1]).abs().max() > 1e-3
+
+
+def test_a_budget_above_the_visual_token_count_is_a_clear_error() -> None:
+    import pytest
+
+    from brisklm.errors import BriskError
+
+    model, processor, batch = _setup(n=2)
+    for method in ("fastv", "pdrop", "random", "visipruner"):
+        with pytest.raises(BriskError, match="larger than the 16 visual tokens"):
+            prune_prefill(model, batch, PruneSpec(method, keep=17))
+    prune_prefill(model, batch, PruneSpec("fastv", keep=16))  # exactly all of them is allowed

@@ -50,6 +50,11 @@ def build_plan(model, input_ids: torch.Tensor, position_ids: torch.Tensor, spec:
     """The executor plan of `spec` for prompts `input_ids` (image rows found from the model's image token)."""
     spec.check()
     visual = visual_mask(input_ids, model.config.image_token_id)
+    if spec.keep is not None and spec.method != "dense":
+        most = int(visual.sum(dim=1).max()) if visual.numel() else 0
+        if spec.keep > most:
+            raise BriskError(f"the budget keep={spec.keep} is larger than the {most} visual tokens of these prompts; "
+                             f"pass a keep of at most {most}")
     kw: dict[str, Any] = dict(record=record, position_ids=position_ids)
     if spec.method == "visipruner":
         config = spec.visipruner
