@@ -183,7 +183,7 @@ def execute(
         window = adapter.sliding_window(layer_idx) if plan.apply_window else None
         hidden, record = _attention_block(
             adapter, layer_idx, hidden, meta, ropes[adapter.rope_kind(layer_idx)], step, visibility, window,
-            cache_view, context, layer_idx in record_layers, flops,
+            cache_view, context, layer_idx in record_layers, flops, plan.on_attention,
         )
         out.attentions.append(record)
         hidden = _mlp_block(adapter, layer_idx, hidden, meta, step, flops)
@@ -290,7 +290,7 @@ def _select_rows(mask, hidden, meta, cos, sin):
 
 def _attention_block(
     adapter: ModelAdapter, layer_idx, hidden, meta, rope, step: LayerStep | None, visibility, window: int | None,
-    cache_view, context, record: bool, flops: FlopsCounter | None,
+    cache_view, context, record: bool, flops: FlopsCounter | None, on_attention=None,
 ):
     cos, sin = rope
     q_mask = None if step is None else step.attn_rows
@@ -323,6 +323,8 @@ def _attention_block(
     if query is None:
         (query,) = adapter.project(layer_idx, xq, "q")
     query = adapter.rotate(query, cos_q, sin_q)
+    if on_attention is not None:
+        on_attention(layer_idx, query, q_meta, keys, values, k_meta)
     ctx_parts = [c.read(layer_idx) for c in context]
     ctx_parts = [p for p in ctx_parts if p[0] is not None]
     if ctx_parts:

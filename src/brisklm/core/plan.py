@@ -97,6 +97,9 @@ class Plan:
         layer is reached, for decisions that depend on the layer's input (e.g. token routers); its result
         replaces that layer's step. None = the static steps only.
     apply_window: False when the rule decides windows itself (or means to ignore the model's window).
+    on_attention: optional tap `(layer_idx, query, q_meta, keys, values, k_meta) -> None` called at each layer
+        with the rotated queries of the querying rows and the keys/values they attend to (cache included,
+        context excluded), so a method can score attention without recomputing projections. None = no tap.
     """
 
     position_ids: torch.Tensor | None = None
@@ -106,6 +109,7 @@ class Plan:
     steps: Sequence[LayerStep | None] | None = None
     decide: Callable[[int, torch.Tensor, RowMeta, LayerStep | None], LayerStep | None] | None = None
     apply_window: bool = True
+    on_attention: Callable[..., None] | None = None
 
     def step(self, layer_idx: int) -> LayerStep | None:
         if self.steps is None:

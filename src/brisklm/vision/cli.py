@@ -171,7 +171,7 @@ def _method_args(p: argparse.ArgumentParser, default_method: str) -> None:
     p.add_argument("--keep", "--budget", dest="keep", type=int, default=None,
                    help="visual tokens kept (FastV/random; PyramidDrop's first stage; a cap for VisiPruner)")
     p.add_argument("--layer", type=int, default=2, help="FastV/random: tokens enter this layer pruned (K)")
-    p.add_argument("--shallow-layers", type=int, default=1, help="VisiPruner: layers where text sees only a sink")
+    p.add_argument("--shallow-layers", type=int, default=0, help="VisiPruner: layers where text sees only a sink")
     p.add_argument("--layer-threshold", type=float, default=0.995, help="VisiPruner: fusion if cos(o-c_j,o) < this")
     p.add_argument("--token-threshold", type=float, default=0.1, help="VisiPruner: keep j if ||c_j||/||o|| >= this")
     p.add_argument("--exit-threshold", type=float, default=0.999, help="VisiPruner: deep stage 'not needed' cosine")

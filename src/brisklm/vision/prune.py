@@ -53,8 +53,8 @@ def build_plan(model, input_ids: torch.Tensor, position_ids: torch.Tensor, spec:
     if spec.keep is not None and spec.method != "dense":
         most = int(visual.sum(dim=1).max()) if visual.numel() else 0
         if spec.keep > most:
-            raise BriskError(f"budget {spec.keep} is larger than the {most} visual tokens of the prompt; "
-                             f"keep at most {most}")
+            raise BriskError(f"the budget keep={spec.keep} is larger than the {most} visual tokens of these prompts; "
+                             f"pass a keep of at most {most}")
     kw: dict[str, Any] = dict(record=record, position_ids=position_ids)
     if spec.method == "visipruner":
         config = spec.visipruner
