@@ -97,6 +97,9 @@ class Plan:
         layer is reached, for decisions that depend on the layer's input (e.g. token routers); its result
         replaces that layer's step. None = the static steps only.
     apply_window: False when the rule decides windows itself (or means to ignore the model's window).
+    rope_position_ids: (A, B, T) multi-axis rotary positions for models whose rotary takes them (Qwen2-VL's
+        M-RoPE: temporal, height, width); cos/sin are gathered with the rows, so kept rows keep them. None =
+        position_ids. position_ids stays the 1-D position (sliding windows, the cache's next position).
     """
 
     position_ids: torch.Tensor | None = None
@@ -106,6 +109,7 @@ class Plan:
     steps: Sequence[LayerStep | None] | None = None
     decide: Callable[[int, torch.Tensor, RowMeta, LayerStep | None], LayerStep | None] | None = None
     apply_window: bool = True
+    rope_position_ids: torch.Tensor | None = None
 
     def step(self, layer_idx: int) -> LayerStep | None:
         if self.steps is None:

@@ -313,7 +313,9 @@ def build_qwen2vl_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     Conventions of a real Qwen2-VL folder: dynamic resolution (the image processor resizes each image to a multiple
     of patch x merge within min/max pixels, so the image-token count follows the image's size and aspect), M-RoPE
     (mrope_section over head_dim / 2), vision start/end tokens around the image pads, a byte-level BPE tokenizer,
-    no BOS, two eos ids and a ChatML template with a default system message. Tiny: builds in about a second.
+    no BOS, two eos ids and a ChatML template with a default system message. The text model's initial weights are
+    larger than HF's default (std 0.1) so that attention, and so M-RoPE positions, visibly change the logits.
+    Tiny: builds in about a second.
     """
     import torch
     from transformers import GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -328,7 +330,7 @@ def build_qwen2vl_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     eos = [tid(t) for t in style.config_eos]
     ids = {"bos_token_id": None, "eos_token_id": eos, "pad_token_id": tid(style.pad)}
     text_config = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                        **ids)
     vision_config = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=QWEN2VL_PATCH,

@@ -1,0 +1,120 @@
+"""Qwen2-VL as the second vision family: the qwen2-vl fixture (dynamic resolution, M-RoPE, its own image processor
+and chat template) through our executor, against HF's own forward, generate and rope index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brisklm.core.adapter import ModelAdapter
+from brisklm.core.plan import Plan
+from brisklm.errors import BriskError, PlanError
+from brisklm.vision.prune import PruneSpec, prune_generate, prune_prefill
+from brisklm.vision.qwen2vl import QwenVLProcessor, mrope_positions, prefill_logits
+from brisklm.vision.vlm import load_vlm
+
+
+@pytest.fixture(scope="module")
+def loaded(fixture_checkpoints):
+    return load_vlm(str(fixture_checkpoints("qwen2-vl")), device="cpu", dtype="float32")
+
+
+def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def batch(loaded):
+    """Two left-padded rows: a non-square image (6 x 8 patches: 12 tokens), and a square plus a tall image."""
+    images = [_image(30, 40), [_image(32, 32, 1), _image(64, 16, 2)]]
+    return loaded.processor(images, ["What colour is the circle?", "Compare <|image_pad|> with <|image_pad|> now."])
+
+
+def _hf_inputs(loaded, batch) -> dict:
+    mm = (batch.input_ids == loaded.model.config.image_token_id).int()
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                image_grid_thw=batch.image_grid_thw, mm_token_type_ids=mm)
+
+
+def test_dynamic_resolution_token_counts(loaded, batch) -> None:
+    processor = loaded.processor
+    assert isinstance(processor, QwenVLProcessor) and loaded.model.config.model_type == "qwen2_vl"
+    assert batch.image_grid_thw.tolist() == [[1, 6, 8], [1, 8, 8], [1, 16, 4]]
+    image_rows = batch.input_ids == loaded.model.config.image_token_id
+    assert image_rows.sum(dim=1).tolist() == [12, 16 + 16]  # grid prod / merge**2 per image, read from the grids
+    assert not bool(batch.attention_mask[0, 0]) and bool(batch.attention_mask[:, -1].all())  # left-padded
+    assert processor.tokens_per_image == 16  # the most one image can get (max_pixels)
+
+
+def test_mrope_positions_match_hf_rope_index(loaded, batch) -> None:
+    inputs = _hf_inputs(loaded, batch)
+    expected, deltas = loaded.model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                         batch.image_grid_thw, attention_mask=batch.attention_mask)
+    assert torch.equal(batch.rope_position_ids, expected)
+    # the three axes really differ on image rows (height / width of the 6 x 8 merged grid: 3 x 4 tokens)
+    image = (batch.input_ids[0] == loaded.model.config.image_token_id)
+    rows = batch.rope_position_ids[:, 0, image]
+    assert rows[0].unique().numel() == 1 and rows[1].unique().numel() == 3 and rows[2].unique().numel() == 4
+    # the 1-D position of the last prompt row continues as HF's decode does (max position + 1 = length + delta)
+    real = batch.attention_mask.sum(dim=1)
+    assert torch.equal(batch.position_ids[:, -1] + 1, real + deltas[:, 0])
+
+
+def test_mrope_positions_reject_mismatched_grids(loaded, batch) -> None:
+    with pytest.raises(BriskError, match="image grid"):
+        mrope_positions(batch.input_ids, batch.attention_mask, batch.image_grid_thw[:2], loaded.model.config.image_token_id, 2)
+    with pytest.raises(BriskError, match="image tokens for"):
+        mrope_positions(batch.input_ids[:1], batch.attention_mask[:1], batch.image_grid_thw, loaded.model.config.image_token_id, 2)
+
+
+def test_adapter_applies_the_mrope_sections(loaded, batch) -> None:
+    adapter = ModelAdapter.from_model(loaded.model)
+    assert adapter.family == "qwen2_vl" and adapter.num_layers == 4
+    hidden = torch.zeros(*batch.input_ids.shape, adapter.hidden_size)
+    cos3, _ = adapter.rotary(hidden, batch.rope_position_ids)
+    cos1, _ = adapter.rotary(hidden, batch.rope_position_ids[0])
+    text = batch.input_ids != loaded.model.config.image_token_id
+    assert torch.equal(cos3[text], cos1[text])  # text rows: all three axes equal
+    assert not torch.allclose(cos3[~text], cos1[~text])  # image rows: height / width bands differ
+
+
+def test_noop_executor_equals_hf_forward(loaded, batch) -> None:
+    """Our executor's logits on the fixture equal HF's own Qwen2-VL forward, images at non-square resolutions."""
+    with torch.no_grad():
+        ref = loaded.model(**_hf_inputs(loaded, batch)).logits[:, -1]
+    ours = prefill_logits(loaded.model, batch)
+    assert (ours - ref).abs().max().item() < 1e-4
+    # the same rows with plain 1-D positions (no M-RoPE) do not match: the test sees the positions
+    plain = prefill_logits(loaded.model, batch, Plan(position_ids=batch.position_ids,
+                                                     rope_position_ids=batch.position_ids[None]))
+    assert (plain - ref).abs().max().item() > 1e-3
+    with pytest.raises(PlanError, match="rope_position_ids"):
+        prefill_logits(loaded.model, batch, Plan(rope_position_ids=batch.rope_position_ids[:, :1]))
+
+
+def test_dense_generation_equals_hf_generate(loaded, batch) -> None:
+    ids, _ = prune_generate(loaded.model, batch, PruneSpec("dense"), max_new_tokens=5, eos_token_id=[],
+                            pad_token_id=loaded.processor.text.roles.pad_id)
+    with torch.no_grad():
+        ref = loaded.model.generate(**_hf_inputs(loaded, batch), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                    pad_token_id=loaded.processor.text.roles.pad_id)
+    assert torch.equal(ids, ref[:, batch.input_ids.shape[1]:])
+
+
+def test_fastv_full_budget_equals_hf_and_a_real_budget_prunes(loaded, batch) -> None:
+    """FastV keeping every visual token (rows regathered after layer 1, rows of 12 and 32 visual tokens) equals HF,
+    so gathered rows keep their M-RoPE cos/sin; a real budget drops rows and changes the logits."""
+    with torch.no_grad():
+        ref = loaded.model(**_hf_inputs(loaded, batch)).logits[:, -1]
+    full, _ = prune_prefill(loaded.model, batch, PruneSpec("fastv", keep=32, layer=1))
+    assert (full - ref).abs().max().item() < 1e-4
+    pruned, record = prune_prefill(loaded.model, batch, PruneSpec("fastv", keep=4, layer=1))
+    assert [int(v) for v in record.visual[-1]] == [4, 4] and (pruned - ref).abs().max().item() > 1e-3
+
+
+def test_pdrop_prunes_in_stages(loaded, batch) -> None:
+    pruned, record = prune_prefill(loaded.model, batch, PruneSpec("pdrop", keep=8, pdrop_ratio=0.5))
+    counts = [int(v[1]) for v in record.visual]
+    assert counts[0] == 32 and counts[-1] < 8 and counts == sorted(counts, reverse=True)
+    assert bool(torch.isfinite(pruned).all())
