@@ -118,3 +118,31 @@ def test_pdrop_prunes_in_stages(loaded, batch) -> None:
     counts = [int(v[1]) for v in record.visual]
     assert counts[0] == 32 and counts[-1] < 8 and counts == sorted(counts, reverse=True)
     assert bool(torch.isfinite(pruned).all())
+
+
+@pytest.mark.parametrize("keep", [3, 7])
+def test_fastv_keeps_the_top_k_by_hf_eager_attention(loaded, batch, keep) -> None:
+    """FastV scores image rows with their M-RoPE keys: it keeps exactly the top-k visual tokens by the last
+    token's head-mean attention at layer K-1, as HF's eager attention weights give them."""
+    from transformers import AutoModelForImageTextToText
+
+    from brisklm.core.executor import execute
+    from brisklm.vision.common import PruneRecord
+    from brisklm.vision.prune import build_plan
+    from brisklm.vision.qwen2vl import embed_qwen2vl
+
+    eager = AutoModelForImageTextToText.from_pretrained(loaded.path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        attentions = eager(**_hf_inputs(loaded, batch), output_attentions=True).attentions
+    score = attentions[1][:, :, -1].mean(dim=1)  # layer K-1 = 1, the last row, head mean: (B, T)
+    visual = batch.input_ids == loaded.model.config.image_token_id
+    plan = build_plan(loaded.model, batch.input_ids, batch.position_ids, PruneSpec("fastv", keep=keep, layer=2),
+                      PruneRecord())
+    plan.rope_position_ids = batch.rope_position_ids
+    with torch.no_grad():
+        out = execute(loaded.model, inputs_embeds=embed_qwen2vl(loaded.model, batch), plan=plan,
+                      attention_mask=batch.attention_mask, logits_rows="last")
+    for b in range(batch.input_ids.shape[0]):
+        expected = score[b].masked_fill(~visual[b], -1.0).topk(keep).indices.sort().values
+        rows = out.meta["row"][b][out.meta["valid"][b] & out.meta["visual"][b]].sort().values
+        assert torch.equal(rows, expected)

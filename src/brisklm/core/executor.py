@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import KVCache, RowMeta, cat_meta
 from brisklm.core.flops import FlopsCounter, layer_macs
-from brisklm.core.plan import CausalVisibility, LayerStep, Plan, window_mask
+from brisklm.core.plan import CausalVisibility, LayerStep, Plan, rope_meta, window_mask
 from brisklm.errors import PlanError
 
 
@@ -166,6 +166,8 @@ def execute(
     )
     meta: RowMeta = {"order": order, "position": positions, "valid": valid, "row": arange.expand(batch, length)}
     meta.update(plan.row_meta)
+    if plan.rope_position_ids is not None:
+        meta.update(rope_meta(plan.rope_position_ids))
     rope_positions = plan.rope_position_ids if plan.rope_position_ids is not None else positions
     ropes = adapter.rotaries(hidden, rope_positions)  # rope kind -> (cos, sin), gathered with the rows
     visibility = plan.visibility or CausalVisibility()

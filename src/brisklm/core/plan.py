@@ -15,6 +15,21 @@ import torch
 from brisklm.core.cache import RowMeta
 
 WINDOW_KEY = "position"  # the row metadata a sliding window is measured over
+ROPE_AXIS_KEY = "rope_axis"  # row metadata rope_axis0, rope_axis1, ...: a row's multi-axis rotary positions (M-RoPE)
+
+
+def rope_meta(rope_position_ids: torch.Tensor) -> RowMeta:
+    """(A, B, T) multi-axis rotary positions as row metadata (one (B, T) entry per axis), so that they follow the
+    rows through gathers and drops and a scorer can rebuild the rows' rotary (`rope_positions`)."""
+    return {f"{ROPE_AXIS_KEY}{i}": axis for i, axis in enumerate(rope_position_ids)}
+
+
+def rope_positions(meta: RowMeta) -> torch.Tensor:
+    """The rows' rotary positions: (A, B, T) from the M-RoPE axes in `meta` when it has them, else meta["position"]."""
+    axes = []
+    while f"{ROPE_AXIS_KEY}{len(axes)}" in meta:
+        axes.append(meta[f"{ROPE_AXIS_KEY}{len(axes)}"])
+    return torch.stack(axes) if axes else meta["position"]
 
 
 class Visibility(Protocol):
