@@ -146,3 +146,35 @@ def test_fastv_keeps_the_top_k_by_hf_eager_attention(loaded, batch, keep) -> Non
         expected = score[b].masked_fill(~visual[b], -1.0).topk(keep).indices.sort().values
         rows = out.meta["row"][b][out.meta["valid"][b] & out.meta["visual"][b]].sort().values
         assert torch.equal(rows, expected)
+
+
+def test_visipruner_runs_on_qwen2vl(loaded, batch) -> None:
+    """VisiPruner goes through the same plan builder: with a layer threshold every layer meets it fires at the
+    first tested layer and keeps only its critical set; decoding continues from the pruned cache."""
+    from brisklm.vision.visipruner import VisiPrunerConfig
+
+    spec = PruneSpec("visipruner", visipruner=VisiPrunerConfig(layer_threshold=1.0, token_threshold=0.05))
+    _, record = prune_prefill(loaded.model, batch, spec)
+    assert record.fusion_layer.tolist() == [1, 1]
+    kept = record.kept.tolist()
+    assert [int(v) for v in record.visual[-1]] == kept and all(0 < k < 12 for k in kept)
+    ids, _ = prune_generate(loaded.model, batch, spec, max_new_tokens=3)
+    assert ids.shape == (2, 3)
+
+
+def test_vision_answer_cli_on_the_fixture(fixture_checkpoints, tmp_path, capsys) -> None:
+    import json
+
+    from PIL import Image
+
+    from brisklm.cli import main
+
+    image = tmp_path / "wide.png"
+    Image.fromarray(_image(30, 40)).save(image)
+    model = str(fixture_checkpoints("qwen2-vl"))
+    for method in (["--method", "dense"], ["--method", "fastv", "--keep", "4"], ["--method", "pdrop", "--keep", "4"]):
+        assert main(["vision", "answer", "--model", model, "--image", str(image), "--question", "What is it?",
+                     "--max-new-tokens", "3", "--device", "cpu", *method]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["image_tokens"] == 12 and isinstance(out["answer"], str)
+        assert out["visual_tokens_per_layer"][0] == 12 and (method[1] == "dense") == (out["visual_tokens_per_layer"][-1] == 12)

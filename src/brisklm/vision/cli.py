@@ -108,8 +108,9 @@ def cmd_answer(args: argparse.Namespace) -> int:
                                        **generation_options(loaded, args.temperature, args.top_p))
     info = ({"arch": "vica", "layers": list(layers)} if layers is not None else
             {"method": args.method, "visual_tokens_per_layer": [int(v[0]) for v in record.visual]})
-    print(json.dumps({"answer": answers[0], "images": len(images),
-                      "image_tokens": len(images) * loaded.processor.tokens_per_image, **info}))
+    counted = record is not None and bool(record.visual)  # the prompt's own count (dynamic resolution: Qwen2-VL)
+    tokens = int(record.visual[0].sum()) if counted else len(images) * loaded.processor.tokens_per_image
+    print(json.dumps({"answer": answers[0], "images": len(images), "image_tokens": tokens, **info}))
     return 0
 
 
