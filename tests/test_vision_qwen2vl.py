@@ -178,3 +178,24 @@ def test_vision_answer_cli_on_the_fixture(fixture_checkpoints, tmp_path, capsys)
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert out["image_tokens"] == 12 and isinstance(out["answer"], str)
         assert out["visual_tokens_per_layer"][0] == 12 and (method[1] == "dense") == (out["visual_tokens_per_layer"][-1] == 12)
+
+
+def test_vision_eval_on_user_data(fixture_checkpoints, tmp_path, capsys) -> None:
+    """`vision eval --data` on Qwen2-VL: images of different sizes (different token counts) in one batch."""
+    import json
+
+    from PIL import Image
+
+    from brisklm.cli import main
+
+    rows = []
+    for i, (height, width) in enumerate([(30, 40), (32, 32), (64, 16)]):
+        Image.fromarray(_image(height, width, i)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "What colour is it?", "answer": "blue"})
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["vision", "eval", "--model", str(fixture_checkpoints("qwen2-vl")), "--data", str(tmp_path / "qa.jsonl"),
+                 "--methods", "fastv,pdrop", "--budgets", "4", "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    runs = {r["run"]: r for r in results["runs"]}
+    assert set(runs) == {"dense", "fastv@4", "pdrop@4"}
+    assert runs["fastv@4"]["flops_ratio"] < 1.0 and runs["pdrop@4"]["flops_ratio"] < runs["fastv@4"]["flops_ratio"]
