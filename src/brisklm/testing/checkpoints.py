@@ -202,8 +202,8 @@ def build_checkpoint(style: str, out_dir: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import GenerationConfig
 
-    if style == "qwen2-vl":
-        return build_qwen2vl_checkpoint(out_dir, seed)
+    if style in ("qwen2-vl", "qwen2.5-vl"):
+        return build_qwen2vl_checkpoint(out_dir, seed, qwen25=style == "qwen2.5-vl")
     if style in VISION_FIXTURE_STYLES:
         return build_llava_checkpoint(out_dir, seed)
     if style not in _STYLES:
@@ -228,7 +228,7 @@ def build_checkpoint(style: str, out_dir: str | Path, seed: int = 0) -> Path:
 
 # ----------------------------------------------------------------------------------------------- vision fixtures
 
-VISION_FIXTURE_STYLES: tuple[str, ...] = ("llava-qwen2", "qwen2-vl")
+VISION_FIXTURE_STYLES: tuple[str, ...] = ("llava-qwen2", "qwen2-vl", "qwen2.5-vl")
 
 # A LLaVA-style ChatML template: message content is a string, or a list of {"type": "image"} / {"type": "text"}
 # parts (each image becomes one `<image>` placeholder the processor expands). Without a system message it adds a
@@ -307,8 +307,9 @@ QWEN2VL_PATCH, QWEN2VL_MERGE = 4, 2  # one image token per 8 x 8 pixels
 QWEN2VL_MIN_PIXELS, QWEN2VL_MAX_PIXELS = 4 * 64, 16 * 64  # 4 to 16 image tokens per image
 
 
-def build_qwen2vl_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
-    """A random-weight `Qwen2VLForConditionalGeneration` with its own `Qwen2VLProcessor`.
+def build_qwen2vl_checkpoint(out_dir: str | Path, seed: int = 0, qwen25: bool = False) -> Path:
+    """A random-weight `Qwen2VLForConditionalGeneration` (or, with qwen25, `Qwen2_5_VLForConditionalGeneration`:
+    windowed vision attention with one full-attention block) with its own image processor and tokenizer.
 
     Conventions of a real Qwen2-VL folder: dynamic resolution (the image processor resizes each image to a multiple
     of patch x merge within min/max pixels, so the image-token count follows the image's size and aspect), M-RoPE
@@ -335,11 +336,19 @@ def build_qwen2vl_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
                        **ids)
     vision_config = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=QWEN2VL_PATCH,
                          spatial_merge_size=QWEN2VL_MERGE, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, image_token_id=tid("<|image_pad|>"),
+    config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if qwen25:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision_config = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
+                             patch_size=QWEN2VL_PATCH, spatial_merge_size=QWEN2VL_MERGE, temporal_patch_size=2,
+                             in_channels=3, window_size=2 * QWEN2VL_PATCH * QWEN2VL_MERGE, fullatt_block_indexes=[1])
+    config = config_cls(text_config=text_config, vision_config=vision_config, image_token_id=tid("<|image_pad|>"),
                            video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
                            vision_end_token_id=tid("<|vision_end|>"), tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     model.generation_config = GenerationConfig(**ids)
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": QWEN2VL_MIN_PIXELS, "longest_edge": QWEN2VL_MAX_PIXELS}, patch_size=QWEN2VL_PATCH,
