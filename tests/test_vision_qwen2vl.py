@@ -200,3 +200,15 @@ def test_vision_eval_on_user_data(fixture_checkpoints, tmp_path, capsys) -> None
     runs = {r["run"]: r for r in results["runs"]}
     assert set(runs) == {"dense", "fastv@4", "pdrop@4"}
     assert runs["fastv@4"]["flops_ratio"] < 1.0 and runs["pdrop@4"]["flops_ratio"] < runs["fastv@4"]["flops_ratio"]
+
+
+def test_bad_input_one_line(fixture_checkpoints, loaded, tmp_path, capsys) -> None:
+    from brisklm.cli import main
+
+    with pytest.raises(BriskError, match="2 <\\|image_pad\\|> token"):
+        loaded.processor([_image(30, 40)], ["Compare <|image_pad|> with <|image_pad|>."])
+    with pytest.raises(BriskError, match="larger than the 12 visual tokens"):
+        prune_prefill(loaded.model, loaded.processor([_image(30, 40)], ["What?"]), PruneSpec("fastv", keep=13))
+    model = str(fixture_checkpoints("qwen2-vl"))
+    assert main(["vision", "train", "--arch", "vica", "--base", model, "--steps", "2", "--out", str(tmp_path)]) != 0
+    assert "ViCA training needs a LLaVA checkpoint" in capsys.readouterr().err
