@@ -212,3 +212,41 @@ def test_bad_input_one_line(fixture_checkpoints, loaded, tmp_path, capsys) -> No
     model = str(fixture_checkpoints("qwen2-vl"))
     assert main(["vision", "train", "--arch", "vica", "--base", model, "--steps", "2", "--out", str(tmp_path)]) != 0
     assert "ViCA training needs a LLaVA checkpoint" in capsys.readouterr().err
+
+
+def _additive_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) causal mask over the valid keys (each row also sees itself, so padding rows stay finite)."""
+    length = valid.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
+    allowed = allowed | torch.eye(length, dtype=torch.bool)[None]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None]
+
+
+def test_fastv_real_budget_equals_hf_layers_on_the_kept_rows(loaded, batch) -> None:
+    """FastV at a real budget equals HF's own decoder layers run on the full prompt up to layer K-1 and on the kept
+    rows from layer K on, each kept row with its original M-RoPE cos/sin (HF's rotary over the full prompt)."""
+    from brisklm.core.executor import execute
+    from brisklm.vision.common import PruneRecord
+    from brisklm.vision.prune import build_plan
+    from brisklm.vision.qwen2vl import embed_qwen2vl
+
+    model, layer_k = loaded.model, 2
+    lm = model.model.language_model
+    with torch.no_grad():
+        embeds = embed_qwen2vl(model, batch)
+        plan = build_plan(model, batch.input_ids, batch.position_ids, PruneSpec("fastv", keep=5, layer=layer_k),
+                          PruneRecord())
+        plan.rope_position_ids = batch.rope_position_ids
+        out = execute(model, inputs_embeds=embeds, plan=plan, attention_mask=batch.attention_mask, logits_rows="last")
+        index, valid = out.meta["row"], out.meta["valid"]
+        assert int((valid & out.meta["visual"]).sum()) == 10  # 5 per row
+        assert all(bool((index[b][valid[b]].diff() > 0).all()) for b in range(2))  # kept rows stay in order
+        cos, sin = lm.rotary_emb(embeds, batch.rope_position_ids)
+        hidden, rows_valid = embeds, batch.attention_mask.bool()
+        for i, layer in enumerate(lm.layers):
+            if i == layer_k:
+                hidden, cos, sin = (t.gather(1, index[..., None].expand(-1, -1, t.shape[-1])) for t in (hidden, cos, sin))
+                rows_valid = valid
+            hidden = layer(hidden, attention_mask=_additive_mask(rows_valid), position_embeddings=(cos, sin))
+        ref = model.lm_head(lm.norm(hidden))[:, -1]
+        assert (out.logits[:, -1] - ref).abs().max().item() < 1e-4
