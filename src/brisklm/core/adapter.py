@@ -115,7 +115,8 @@ class ModelAdapter:
         if family not in RECIPES:
             raise UnsupportedModelError(
                 f"model family {family!r} is not supported; brisklm supports {', '.join(SUPPORTED_FAMILIES)} "
-                "causal LMs (and LLaVA / Gemma3 multimodal models whose text model is one of them, and Qwen2-VL / Qwen2.5-VL)"
+                "causal LMs (and LLaVA / Gemma3 multimodal models whose text model is one of them, "
+                "and Qwen2-VL / Qwen2.5-VL)"
             )
         if base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
             raise UnsupportedModelError(
