@@ -213,6 +213,13 @@ class ModelAdapter:
             return self.rotary_emb(hidden, position_ids, self.rope_kind(layer_idx))
         return self.rotary_emb(hidden, position_ids)
 
+    def row_rotary(self, hidden: torch.Tensor, meta: dict, layer_idx: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of rows from their metadata: their M-RoPE axes when the rows carry them, else their positions."""
+        from brisklm.core.plan import rope_positions
+
+        return self.rotary(hidden, rope_positions(meta), layer_idx)
+
     def rotaries(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[Hashable, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin for every rotary table the layers use, keyed by `rope_kind`."""
         first = {}

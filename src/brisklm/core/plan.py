@@ -104,6 +104,9 @@ class Plan:
 
     position_ids: (B, T) rotary positions; None = continue after the cache (0.. without one).
     order: (B, T) arrival order used by causal rules; None = continue after the cache.
+    rope_position_ids: (A, B, T) multi-axis rotary positions for models whose rotary takes them (Qwen2-VL's
+        M-RoPE: temporal, height, width); cos/sin are gathered with the rows, so kept rows keep them. None =
+        position_ids. position_ids stays the 1-D position (sliding windows, the cache's next position).
     visibility: rule for which keys a query sees; None = causal. The model's sliding window (per layer) is
         applied on top of any rule, over position ids (see `window_mask`), unless `apply_window` is False.
     row_meta: extra per-row tensors (B, T) that a visibility rule reads (stored with cached keys too).
@@ -112,19 +115,16 @@ class Plan:
         layer is reached, for decisions that depend on the layer's input (e.g. token routers); its result
         replaces that layer's step. None = the static steps only.
     apply_window: False when the rule decides windows itself (or means to ignore the model's window).
-    rope_position_ids: (A, B, T) multi-axis rotary positions for models whose rotary takes them (Qwen2-VL's
-        M-RoPE: temporal, height, width); cos/sin are gathered with the rows, so kept rows keep them. None =
-        position_ids. position_ids stays the 1-D position (sliding windows, the cache's next position).
     """
 
     position_ids: torch.Tensor | None = None
     order: torch.Tensor | None = None
+    rope_position_ids: torch.Tensor | None = None
     visibility: Visibility | None = None
     row_meta: RowMeta = field(default_factory=dict)
     steps: Sequence[LayerStep | None] | None = None
     decide: Callable[[int, torch.Tensor, RowMeta, LayerStep | None], LayerStep | None] | None = None
     apply_window: bool = True
-    rope_position_ids: torch.Tensor | None = None
 
     def step(self, layer_idx: int) -> LayerStep | None:
         if self.steps is None:
