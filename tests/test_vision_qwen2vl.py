@@ -154,7 +154,8 @@ def test_visipruner_runs_on_qwen2vl(loaded, batch) -> None:
     first tested layer and keeps only its critical set; decoding continues from the pruned cache."""
     from brisklm.vision.visipruner import VisiPrunerConfig
 
-    spec = PruneSpec("visipruner", visipruner=VisiPrunerConfig(layer_threshold=1.0, token_threshold=0.05))
+    config = VisiPrunerConfig(shallow_layers=1, layer_threshold=1.0, token_threshold=0.05)
+    spec = PruneSpec("visipruner", visipruner=config)
     _, record = prune_prefill(loaded.model, batch, spec)
     assert record.fusion_layer.tolist() == [1, 1]
     kept = record.kept.tolist()
