@@ -251,3 +251,40 @@ def test_fastv_real_budget_equals_hf_layers_on_the_kept_rows(loaded, batch) -> N
             hidden = layer(hidden, attention_mask=_additive_mask(rows_valid), position_embeddings=(cos, sin))
         ref = model.lm_head(lm.norm(hidden))[:, -1]
         assert (out.logits[:, -1] - ref).abs().max().item() < 1e-4
+
+
+def test_fastv_cached_decode_step_equals_hf_layers(loaded, batch) -> None:
+    """A decode step after FastV prefill (later layers' cache holds only the kept rows) equals HF's own layers on
+    prompt + token, the token at the M-RoPE text position after the prompt (max position + 1, all axes)."""
+    from brisklm.core.cache import KVCache
+    from brisklm.core.executor import execute
+    from brisklm.vision.prune import decode_plan_fn
+    from brisklm.vision.qwen2vl import embed_qwen2vl
+
+    model, layer_k = loaded.model, 2
+    lm = model.model.language_model
+    with torch.no_grad():
+        cache = KVCache(len(lm.layers))
+        first, record = prune_prefill(model, batch, PruneSpec("fastv", keep=5, layer=layer_k), cache=cache)
+        token = first.argmax(dim=-1, keepdim=True)
+        plan = decode_plan_fn(record.plan.visibility)(1, token, cache)
+        plan.position_ids = batch.position_ids[:, -1:] + 1
+        ours = execute(model, token, plan=plan, cache=cache, attention_mask=torch.ones_like(token),
+                       logits_rows="last").logits[:, -1]
+        # the kept rows, as a no-cache prefill with the same plan reports them
+        again = execute(model, inputs_embeds=embed_qwen2vl(model, batch), plan=record.plan,
+                        attention_mask=batch.attention_mask, logits_rows="none")
+        length = batch.input_ids.shape[1]
+        index = torch.cat([again.meta["row"], torch.full_like(token, length)], dim=1)
+        valid = torch.cat([again.meta["valid"], torch.ones_like(token, dtype=torch.bool)], dim=1)
+        hidden = torch.cat([embed_qwen2vl(model, batch), model.get_input_embeddings()(token)], dim=1)
+        rope = torch.cat([batch.rope_position_ids, (batch.position_ids[:, -1:] + 1)[None].expand(3, -1, -1)], dim=2)
+        cos, sin = lm.rotary_emb(hidden, rope)
+        rows_valid = torch.cat([batch.attention_mask.bool(), torch.ones_like(token, dtype=torch.bool)], dim=1)
+        for i, layer in enumerate(lm.layers):
+            if i == layer_k:
+                hidden, cos, sin = (t.gather(1, index[..., None].expand(-1, -1, t.shape[-1])) for t in (hidden, cos, sin))
+                rows_valid = valid
+            hidden = layer(hidden, attention_mask=_additive_mask(rows_valid), position_embeddings=(cos, sin))
+        ref = model.lm_head(lm.norm(hidden))[:, -1]
+    assert (ours - ref).abs().max().item() < 1e-4
