@@ -84,7 +84,7 @@ def last_token_attention(adapter: ModelAdapter, layer_idx: int, hidden: torch.Te
     x = adapter.attn_input(layer_idx, hidden)
     (q,) = adapter.project(layer_idx, x[:, -1:], "q")
     k, v = adapter.project(layer_idx, x, "kv")  # (B, H_kv, T, hd) each, before rotary
-    cos, sin = adapter.rotary(hidden, meta["position"], layer_idx)
+    cos, sin = adapter.row_rotary(hidden, meta, layer_idx)  # M-RoPE axes where the rows carry them
     q = adapter.rotate(q, cos[:, -1:], sin[:, -1:])
     k = adapter.rotate(k, cos, sin)
     groups = adapter.num_heads // adapter.num_kv_heads
