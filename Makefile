@@ -30,8 +30,9 @@ test:
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests; rc=$$?; end=$$(date +%s); \
 	echo "make test: setup $$((setup - start)) s, tests $$((end - setup)) s"; exit $$rc
 
+# Every area at its full size; results go to benchmarks/results/*.json and BENCHMARKS.md (hours on a CPU).
 bench: $(STAMP)
-	$(BIN)/brisk bench all --quick
+	$(BIN)/brisk bench all
 
 # On a CUDA machine: own venv (.venv-gpu, reusing a preinstalled CUDA torch), `pytest -m gpu`, real-shape bench.
 gpu-check:

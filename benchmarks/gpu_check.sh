@@ -7,7 +7,8 @@
 #      fp32 and bf16 against the CPU fp32 reference;
 #   3. the real-shape benchmark (random Qwen2.5-0.5B shape) in float32 and bfloat16 against HF's own forward and
 #      generate; figures go to benchmarks/results/realshape.json and are printed with their ratios;
-#   4. the streaming real-shape section (GPE vs re-encoding, bfloat16) into benchmarks/results/streaming.json.
+#   4. the streaming real-shape section (GPE vs re-encoding, bfloat16) into benchmarks/results/streaming.json, and
+#      the vision real-shape section (LLaVA-1.5 layout, bfloat16) into benchmarks/results/vision.json.
 # Needs no download beyond the set-up's pip installs (none when the machine already has the packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,13 +70,15 @@ setup=$(( $(date +%s) - start ))
 
 status=0
 t0=$(date +%s)
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests || status=$?
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests || status=$?
 tests=$(( $(date +%s) - t0 ))
 
 t0=$(date +%s)
-BRISK_DEVICE=cuda timeout 360 "$PY" -m brisklm.cli bench realshape --device cuda || status=$?
-BRISK_DEVICE=cuda timeout 240 "$PY" -m brisklm.cli bench streaming --section real_shape --device cuda \
+BRISK_DEVICE=cuda timeout 180 "$PY" -m brisklm.cli bench realshape --device cuda || status=$?
+BRISK_DEVICE=cuda timeout 120 "$PY" -m brisklm.cli bench streaming --section real_shape --device cuda \
     --dtype bfloat16 || status=$?  # GPE vs re-encoding at the real shape -> streaming.json real_shape_cuda_bfloat16
+BRISK_DEVICE=cuda timeout 120 "$PY" -m brisklm.cli bench vision --section real_shape --device cuda \
+    --dtype bfloat16 || status=$?  # LLaVA-1.5 layout -> vision.json real_shape_cuda
 bench=$(( $(date +%s) - t0 ))
 
 echo "gpu-check: set-up ${setup} s, gpu tests ${tests} s, real-shape bench ${bench} s; exit status ${status}"

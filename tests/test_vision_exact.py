@@ -177,7 +177,8 @@ def test_fusion_layer_detection_on_constructed_attention(monkeypatch) -> None:
     critical = first + 3
 
     def run(scale: float):
-        def fake(adapter, layer_idx, hidden, meta, visibility):
+        def fake(tap, adapter, layer_idx, visibility):
+            meta = tap.k_meta
             batch_size, length = meta["valid"].shape
             probs = torch.full((batch_size, 4, length), 1e-4)
             probs[:, :, -1] = 1.0  # the last token attends to itself
@@ -190,7 +191,7 @@ def test_fusion_layer_detection_on_constructed_attention(monkeypatch) -> None:
                 probs = probs + 0.5 * hit[:, None, :].float()
             return LastTokenAttention(probs, values)
 
-        monkeypatch.setattr(vp, "last_token_attention", fake)
+        monkeypatch.setattr(vp, "tap_attention", fake)
         record = PruneRecord()
         cfg = VisiPrunerConfig(shallow_layers=1, layer_threshold=0.995, token_threshold=0.2, deep_exit=False)
         plan = visipruner_plan(model, visual, cfg, record=record, position_ids=batch.position_ids)

@@ -59,10 +59,15 @@ RECIPES: dict[str, LayerRecipe] = {
     "gemma3": LayerRecipe(**_GEMMA, head_norms=("q_norm", "k_norm"), rope_per_layer_type=True),
     "phi3": LayerRecipe(fused_qkv="qkv_proj", fused_gate_up="gate_up_proj", attn_out="resid_attn_dropout",
                         mlp_out="resid_mlp_dropout"),
+    # Qwen2-VL / Qwen2.5-VL text models: Qwen2 layers; their rotary module takes (3, B, T) M-RoPE positions
+    # (temporal, height, width) and applies the config's mrope_section itself (see Plan.rope_position_ids).
+    "qwen2_vl": LayerRecipe(),
 }
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(RECIPES)
-MODEL_TYPES: dict[str, str] = {"gemma3_text": "gemma3"}  # HF model_type -> family, where they differ
-MULTIMODAL_WRAPPERS: tuple[str, ...] = ("llava", "gemma3")
+MULTIMODAL_ONLY: tuple[str, ...] = ("qwen2_vl",)  # text families that exist only inside a multimodal wrapper
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(f for f in RECIPES if f not in MULTIMODAL_ONLY)  # causal LMs
+MODEL_TYPES: dict[str, str] = {"gemma3_text": "gemma3", "qwen2_vl_text": "qwen2_vl",
+                               "qwen2_5_vl_text": "qwen2_vl"}  # HF model_type -> family, where they differ
+MULTIMODAL_WRAPPERS: tuple[str, ...] = ("llava", "gemma3", "qwen2_vl", "qwen2_5_vl")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -110,7 +115,8 @@ class ModelAdapter:
         if family not in RECIPES:
             raise UnsupportedModelError(
                 f"model family {family!r} is not supported; brisklm supports {', '.join(SUPPORTED_FAMILIES)} "
-                "causal LMs (and LLaVA / Gemma3 multimodal models whose text model is one of them)"
+                "causal LMs (and LLaVA / Gemma3 multimodal models whose text model is one of them, "
+                "and Qwen2-VL / Qwen2.5-VL)"
             )
         if base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
             raise UnsupportedModelError(
@@ -197,12 +203,22 @@ class ModelAdapter:
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_idx: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape (B, T, rotary_dim) for arbitrary per-row position ids, for `layer_idx`'s table."""
+        """cos/sin of shape (B, T, rotary_dim) for arbitrary per-row position ids, for `layer_idx`'s table.
+
+        position_ids is (B, T), or (3, B, T) M-RoPE positions for the Qwen2-VL family (whose rotary module
+        builds each frequency band from its own axis, by the config's mrope_section)."""
         if self.recipe.rope_per_layer_type:
             if layer_idx is None:
                 raise PlanError(f"{self.family} uses a different rotary base per layer type; pass layer_idx to rotary()")
             return self.rotary_emb(hidden, position_ids, self.rope_kind(layer_idx))
         return self.rotary_emb(hidden, position_ids)
+
+    def row_rotary(self, hidden: torch.Tensor, meta: dict, layer_idx: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of rows from their metadata: their M-RoPE axes when the rows carry them, else their positions."""
+        from brisklm.core.plan import rope_positions
+
+        return self.rotary(hidden, rope_positions(meta), layer_idx)
 
     def rotaries(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[Hashable, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin for every rotary table the layers use, keyed by `rope_kind`."""

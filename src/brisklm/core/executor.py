@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import KVCache, RowMeta, cat_meta
 from brisklm.core.flops import FlopsCounter, layer_macs
-from brisklm.core.plan import CausalVisibility, LayerStep, Plan, window_mask
+from brisklm.core.plan import CausalVisibility, LayerStep, Plan, rope_meta, window_mask
 from brisklm.errors import PlanError
 
 
@@ -166,7 +166,10 @@ def execute(
     )
     meta: RowMeta = {"order": order, "position": positions, "valid": valid, "row": arange.expand(batch, length)}
     meta.update(plan.row_meta)
-    ropes = adapter.rotaries(hidden, positions)  # rope kind -> (cos, sin), gathered with the rows
+    if plan.rope_position_ids is not None:
+        meta.update(rope_meta(plan.rope_position_ids))
+    rope_positions = plan.rope_position_ids if plan.rope_position_ids is not None else positions
+    ropes = adapter.rotaries(hidden, rope_positions)  # rope kind -> (cos, sin), gathered with the rows
     visibility = plan.visibility or CausalVisibility()
 
     out = ExecutorOutput(logits=None, last_hidden=hidden, meta=meta)
@@ -183,7 +186,7 @@ def execute(
         window = adapter.sliding_window(layer_idx) if plan.apply_window else None
         hidden, record = _attention_block(
             adapter, layer_idx, hidden, meta, ropes[adapter.rope_kind(layer_idx)], step, visibility, window,
-            cache_view, context, layer_idx in record_layers, flops,
+            cache_view, context, layer_idx in record_layers, flops, plan.on_attention,
         )
         out.attentions.append(record)
         hidden = _mlp_block(adapter, layer_idx, hidden, meta, step, flops)
@@ -226,6 +229,9 @@ def _check_plan(adapter: ModelAdapter, plan: Plan, batch: int, length: int, cach
         value = getattr(plan, name)
         if value is not None and tuple(value.shape) != (batch, length):
             raise PlanError(f"plan.{name} has shape {tuple(value.shape)}; the input is (batch={batch}, tokens={length})")
+    rope = plan.rope_position_ids
+    if rope is not None and (rope.dim() != 3 or tuple(rope.shape[1:]) != (batch, length)):
+        raise PlanError(f"plan.rope_position_ids has shape {tuple(rope.shape)}; expected (axes, {batch}, {length})")
     for name, value in plan.row_meta.items():
         if tuple(value.shape) != (batch, length):
             raise PlanError(f"plan.row_meta[{name!r}] has shape {tuple(value.shape)}; expected ({batch}, {length})")
@@ -290,7 +296,7 @@ def _select_rows(mask, hidden, meta, cos, sin):
 
 def _attention_block(
     adapter: ModelAdapter, layer_idx, hidden, meta, rope, step: LayerStep | None, visibility, window: int | None,
-    cache_view, context, record: bool, flops: FlopsCounter | None,
+    cache_view, context, record: bool, flops: FlopsCounter | None, on_attention=None,
 ):
     cos, sin = rope
     q_mask = None if step is None else step.attn_rows
@@ -323,6 +329,8 @@ def _attention_block(
     if query is None:
         (query,) = adapter.project(layer_idx, xq, "q")
     query = adapter.rotate(query, cos_q, sin_q)
+    if on_attention is not None:
+        on_attention(layer_idx, query, q_meta, keys, values, k_meta)
     ctx_parts = [c.read(layer_idx) for c in context]
     ctx_parts = [p for p in ctx_parts if p[0] is not None]
     if ctx_parts:

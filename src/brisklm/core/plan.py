@@ -15,6 +15,21 @@ import torch
 from brisklm.core.cache import RowMeta
 
 WINDOW_KEY = "position"  # the row metadata a sliding window is measured over
+ROPE_AXIS_KEY = "rope_axis"  # row metadata rope_axis0, rope_axis1, ...: a row's multi-axis rotary positions (M-RoPE)
+
+
+def rope_meta(rope_position_ids: torch.Tensor) -> RowMeta:
+    """(A, B, T) multi-axis rotary positions as row metadata (one (B, T) entry per axis), so that they follow the
+    rows through gathers and drops and a scorer can rebuild the rows' rotary (`rope_positions`)."""
+    return {f"{ROPE_AXIS_KEY}{i}": axis for i, axis in enumerate(rope_position_ids)}
+
+
+def rope_positions(meta: RowMeta) -> torch.Tensor:
+    """The rows' rotary positions: (A, B, T) from the M-RoPE axes in `meta` when it has them, else meta["position"]."""
+    axes = []
+    while f"{ROPE_AXIS_KEY}{len(axes)}" in meta:
+        axes.append(meta[f"{ROPE_AXIS_KEY}{len(axes)}"])
+    return torch.stack(axes) if axes else meta["position"]
 
 
 class Visibility(Protocol):
@@ -89,6 +104,9 @@ class Plan:
 
     position_ids: (B, T) rotary positions; None = continue after the cache (0.. without one).
     order: (B, T) arrival order used by causal rules; None = continue after the cache.
+    rope_position_ids: (A, B, T) multi-axis rotary positions for models whose rotary takes them (Qwen2-VL's
+        M-RoPE: temporal, height, width); cos/sin are gathered with the rows, so kept rows keep them. None =
+        position_ids. position_ids stays the 1-D position (sliding windows, the cache's next position).
     visibility: rule for which keys a query sees; None = causal. The model's sliding window (per layer) is
         applied on top of any rule, over position ids (see `window_mask`), unless `apply_window` is False.
     row_meta: extra per-row tensors (B, T) that a visibility rule reads (stored with cached keys too).
@@ -97,15 +115,20 @@ class Plan:
         layer is reached, for decisions that depend on the layer's input (e.g. token routers); its result
         replaces that layer's step. None = the static steps only.
     apply_window: False when the rule decides windows itself (or means to ignore the model's window).
+    on_attention: optional tap `(layer_idx, query, q_meta, keys, values, k_meta) -> None` called at each layer
+        with the rotated queries of the querying rows and the keys/values they attend to (cache included,
+        context excluded), so a method can score attention without recomputing projections. None = no tap.
     """
 
     position_ids: torch.Tensor | None = None
     order: torch.Tensor | None = None
+    rope_position_ids: torch.Tensor | None = None
     visibility: Visibility | None = None
     row_meta: RowMeta = field(default_factory=dict)
     steps: Sequence[LayerStep | None] | None = None
     decide: Callable[[int, torch.Tensor, RowMeta, LayerStep | None], LayerStep | None] | None = None
     apply_window: bool = True
+    on_attention: Callable[..., None] | None = None
 
     def step(self, layer_idx: int) -> LayerStep | None:
         if self.steps is None:

@@ -38,14 +38,17 @@ def _bench(args: argparse.Namespace) -> int:
     from brisklm.eval.bench import default_results_dir, run_benchmark
 
     _use_agg()
-    results_dir = default_results_dir()
+    # A --quick run is a smoke test at small sizes: it never replaces the measured figures in benchmarks/results.
+    results_dir = None if args.quick else default_results_dir()
     result = run_benchmark(args.area, quick=args.quick, out=args.out, seed=args.seed, results_dir=results_dir,
-                           sections=tuple(args.section))
+                           save_results=not args.quick, sections=tuple(args.section))
     per_area = result["areas"] if args.area == "all" else {args.area: result}
     for area, area_result in per_area.items():
         _print_result(area, area_result)
     if args.out is not None:
         print(f"wrote {args.out}")
+    if args.quick:
+        print("quick run: benchmarks/results left as they are (pass --out FILE.json to keep these figures)")
     if results_dir is not None:
         for area in per_area:
             print(f"wrote {results_dir / f'{area}.json'}")

@@ -112,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--token", default=None)
     parser.add_argument("--policy", default=None)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="keep trying to connect for this long (a server that is still starting)")
     args = parser.parse_args(argv)
     from brisklm.serve.cli import parse_options
 
@@ -119,13 +121,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = {"policy": args.policy, "options": parse_options(args.option)} if args.policy or args.option else None
     from websockets.exceptions import InvalidStatus
 
-    try:
-        result = asyncio.run(translate_over_ws(args.url, words, token=resolve_token(args.token), start=start,
-                                              timeout=120))
-    except InvalidStatus as error:
-        print(f"brisk: error: the server refused the connection (HTTP {error.response.status_code}): pass its "
-              "token with --token or BRISK_SERVE_TOKEN", file=sys.stderr)
-        return 1
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            result = asyncio.run(translate_over_ws(args.url, words, token=resolve_token(args.token), start=start,
+                                                  timeout=120))
+            break
+        except OSError as error:  # nothing listens there (yet)
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            print(f"brisk: error: cannot connect to {args.url} ({error.strerror or error}): is `brisk serve` "
+                  "running there? (--wait SECONDS retries while it starts)", file=sys.stderr)
+            return 1
+        except InvalidStatus as error:
+            print(f"brisk: error: the server refused the connection (HTTP {error.response.status_code}): pass its "
+                  "token with --token or BRISK_SERVE_TOKEN", file=sys.stderr)
+            return 1
     for frame in result.frames:
         if frame["type"] == "word":
             print(f"{frame['word']}\tdelay={frame['delay']}\tlatency_ms={frame['latency_ms']}")

@@ -196,6 +196,8 @@ def build_checkpoint(style: str, out_dir: str | Path, seed: int = 0) -> Path:
     import torch
     from transformers import GenerationConfig
 
+    if style in ("qwen2-vl", "qwen2.5-vl"):
+        return build_qwen2vl_checkpoint(out_dir, seed, qwen25=style == "qwen2.5-vl")
     if style in VISION_FIXTURE_STYLES:
         return build_llava_checkpoint(out_dir, seed)
     if style not in _STYLES:
@@ -220,7 +222,7 @@ def build_checkpoint(style: str, out_dir: str | Path, seed: int = 0) -> Path:
 
 # ----------------------------------------------------------------------------------------------- vision fixtures
 
-VISION_FIXTURE_STYLES: tuple[str, ...] = ("llava-qwen2",)
+VISION_FIXTURE_STYLES: tuple[str, ...] = ("llava-qwen2", "qwen2-vl", "qwen2.5-vl")
 
 # A LLaVA-style ChatML template: message content is a string, or a list of {"type": "image"} / {"type": "text"}
 # parts (each image becomes one `<image>` placeholder the processor expands). Without a system message it adds a
@@ -282,4 +284,74 @@ def build_llava_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return out
+
+
+# Qwen2-VL's framing: each image is `<|vision_start|><|image_pad|><|vision_end|>`, the pad expanded by the processor
+# to the image's merged-patch count (which depends on the image's size: dynamic resolution).
+QWEN2VL_CHATML = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN2VL_PATCH, QWEN2VL_MERGE = 4, 2  # one image token per 8 x 8 pixels
+QWEN2VL_MIN_PIXELS, QWEN2VL_MAX_PIXELS = 4 * 64, 16 * 64  # 4 to 16 image tokens per image
+
+
+def build_qwen2vl_checkpoint(out_dir: str | Path, seed: int = 0, qwen25: bool = False) -> Path:
+    """A random-weight `Qwen2VLForConditionalGeneration` (or, with qwen25, `Qwen2_5_VLForConditionalGeneration`:
+    windowed vision attention with one full-attention block) with its own image processor and tokenizer.
+
+    Conventions of a real Qwen2-VL folder: dynamic resolution (the image processor resizes each image to a multiple
+    of patch x merge within min/max pixels, so the image-token count follows the image's size and aspect), M-RoPE
+    (mrope_section over head_dim / 2), vision start/end tokens around the image pads, a byte-level BPE tokenizer,
+    no BOS, two eos ids and a ChatML template with a default system message. The text model's initial weights are
+    larger than HF's default (std 0.1) so that attention, and so M-RoPE positions, visibly change the logits.
+    Tiny: builds in about a second.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>")
+    style = _Style("bytelevel", specials, None, "<|im_end|>", "<|endoftext|>", None, ("<|im_end|>", "<|endoftext|>"),
+                   "<|endoftext|>", QWEN2VL_CHATML, "qwen2")
+    tokenizer = _hf_tokenizer(style)
+    tid = tokenizer.convert_tokens_to_ids
+    eos = [tid(t) for t in style.config_eos]
+    ids = {"bos_token_id": None, "eos_token_id": eos, "pad_token_id": tid(style.pad)}
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                       **ids)
+    vision_config = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=QWEN2VL_PATCH,
+                         spatial_merge_size=QWEN2VL_MERGE, temporal_patch_size=2, in_channels=3)
+    config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if qwen25:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision_config = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
+                             patch_size=QWEN2VL_PATCH, spatial_merge_size=QWEN2VL_MERGE, temporal_patch_size=2,
+                             in_channels=3, window_size=2 * QWEN2VL_PATCH * QWEN2VL_MERGE, fullatt_block_indexes=[1])
+    config = config_cls(text_config=text_config, vision_config=vision_config, image_token_id=tid("<|image_pad|>"),
+                           video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
+                           vision_end_token_id=tid("<|vision_end|>"), tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.generation_config = GenerationConfig(**ids)
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": QWEN2VL_MIN_PIXELS, "longest_edge": QWEN2VL_MAX_PIXELS}, patch_size=QWEN2VL_PATCH,
+        merge_size=QWEN2VL_MERGE, temporal_patch_size=2)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    # The image processor and the tokenizer (with the chat template) saved side by side, as Qwen2VLProcessor would
+    # save them; the processor object itself needs torchvision for its video half, which a CPU install may lack.
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

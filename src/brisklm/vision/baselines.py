@@ -4,6 +4,8 @@ FastV: after layer K-1, keep the `keep` visual tokens the last prompt token atte
 PyramidDrop: at each stage layer, keep the top `keeps[i]` of the surviving visual tokens by the same score.
 Random: after layer K-1, keep `keep` visual tokens drawn uniformly (seeded). Kept tokens keep their
 original positions; every sample of a batch keeps exactly min(budget, its visual tokens).
+The score of stage layer l is read from the query and keys the executor computed at l (an `AttentionTap`);
+the removal is decided and applied on entering layer l + 1, which equals removing the rows after layer l.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import RowMeta
 from brisklm.core.plan import LayerStep, Plan
 from brisklm.errors import BriskError
-from brisklm.vision.common import PruneRecord, VisualVisibility, keep_step_rows, last_token_attention, visual_row_meta
+from brisklm.vision.common import (
+    AttentionTap,
+    PruneRecord,
+    VisualVisibility,
+    removal_step,
+    scoring_macs,
+    tap_attention,
+    to_stream,
+    visual_row_meta,
+)
 
 
 def _keep_top(score: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,40 +42,47 @@ def _keep_top(score: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
 
 def staged_plan(model, visual: torch.Tensor, stages: Sequence[tuple[int, int]], score: str = "attention",
                 seed: int = 0, record: PruneRecord | None = None, position_ids: torch.Tensor | None = None) -> Plan:
-    """Prune visual tokens after each (layer, keep) stage, ranked by last-token attention or at random."""
+    """Prune visual tokens after each (layer, keep) stage, ranked by last-token attention ("attention"), at
+    random, or keeping the least attended ("bottom", a wrong rule that quality tests must tell apart)."""
     adapter = ModelAdapter.from_model(model)
     layers = [layer for layer, _ in stages]
     if sorted(set(layers)) != layers:
         raise BriskError(f"stage layers must be strictly increasing, got {layers}")
     for layer, keep in stages:
-        if not 0 <= layer < adapter.num_layers:
-            raise BriskError(f"stage layer {layer} is outside the model's layers [0, {adapter.num_layers})")
+        if not 0 <= layer < adapter.num_layers - 1:
+            raise BriskError(f"stage layer {layer} is outside [0, {adapter.num_layers - 1}): tokens are pruned after "
+                             "a layer and before the next one, so the last layer cannot be a stage")
         if keep < 0:
             raise BriskError(f"a stage keeps a non-negative number of visual tokens, got {keep}")
-    if score not in ("attention", "random"):
-        raise BriskError(f"score must be 'attention' or 'random', got {score!r}")
+    if score not in ("attention", "random", "bottom"):
+        raise BriskError(f"score must be 'attention', 'random' or 'bottom', got {score!r}")
     record = record if record is not None else PruneRecord()
     visibility = VisualVisibility()
     by_layer = dict(stages)
     generator = torch.Generator().manual_seed(seed)
+    tap = AttentionTap()
+    rows = visual.shape[1]
 
     def decide(layer_idx: int, hidden: torch.Tensor, meta: RowMeta, step: LayerStep | None) -> LayerStep | None:
-        record.observe(layer_idx, meta)
-        if layer_idx not in by_layer:
+        stage = layer_idx - 1  # the layer whose attention decides what enters this one
+        if stage not in by_layer:
+            record.observe(layer_idx, meta)
             return step
         alive = meta["visual"] & meta["valid"]
         if score == "random":
             values = torch.rand(alive.shape, generator=generator, device="cpu").to(alive.device)  # cpu RNG stream
         else:
-            values = last_token_attention(adapter, layer_idx, hidden, meta, visibility).head_mean()
-        kept = _keep_top(values, alive, by_layer[layer_idx])
-        index, valid = keep_step_rows(kept | (~meta["visual"]))
-        base = step or LayerStep()
-        return LayerStep(attn_rows=base.attn_rows, mlp_rows=base.mlp_rows, kv_rows=base.kv_rows,
-                         keep_after=index, keep_valid=valid)
+            attention = tap_attention(tap, adapter, stage, visibility)
+            record.score_macs += scoring_macs(attention.probs, adapter.head_dim, contributions=False)
+            values = to_stream(attention.head_mean().float(), tap.k_meta, meta, rows, float("-inf"))
+            if score == "bottom":  # the least-attended tokens: a deliberately wrong rule (ablation, tests)
+                values = -values
+        keep = _keep_top(values, alive, by_layer[stage]) | ~meta["visual"]
+        record.observe(layer_idx, {**meta, "valid": meta["valid"] & keep})
+        return removal_step(keep, step)
 
-    plan = Plan(position_ids=position_ids, visibility=visibility, row_meta=visual_row_meta(visual), decide=decide)
-    return plan
+    return Plan(position_ids=position_ids, visibility=visibility, row_meta=visual_row_meta(visual), decide=decide,
+                on_attention=tap)
 
 
 def fastv_plan(model, visual: torch.Tensor, keep: int, layer: int = 2, **kw) -> Plan:

@@ -1,5 +1,6 @@
 """`brisk bench vision`: accuracy kept vs visual tokens kept (VisiPruner, FastV, PyramidDrop, random), analytic
-FLOPs ratios, CPU prefill/decode speed-ups vs dense at batch 1 and 16, the three-stage profile, and ViCA.
+FLOPs ratios, CPU prefill/decode speed-ups vs dense at batch 1 and 16, the three-stage profile, and ViCA; and
+the `real_shape` section (LLaVA-1.5 layout on a Qwen2.5-0.5B-shaped LM, `brisklm.vision.realshape`).
 
 All ratios are against the dense model measured in the same run; timings are medians of repeats, LM only
 (from the merged embeddings; the shared vision tower is excluded and reported separately).
@@ -166,9 +167,26 @@ def blank_image(example: Example) -> Example:
                    {**example.meta, "image": np.zeros_like(example.meta["image"])})
 
 
+SECTIONS = ("zoo", "real_shape")  # `brisk bench vision --section NAME` runs one and merges it into vision.json
+
+
 def bench(ctx: BenchContext) -> dict:
-    """Pruning sweep, FLOPs, CPU timings, layer profile and ViCA on the zoo's ShapesVQA LLaVA models."""
+    """The zoo section (pruning sweep, FLOPs, CPU timings, layer profile and ViCA on the ShapesVQA LLaVA models)
+    and the real-shape section (LLaVA-1.5 layout on a Qwen2.5-0.5B-shaped LM, `brisklm.vision.realshape`)."""
     torch.set_grad_enabled(False)
+    figures: dict = {}
+    if ctx.wants("real_shape"):  # first: needs no zoo model
+        from brisklm.vision.realshape import real_shape_figures, real_shape_key
+
+        real = real_shape_figures(ctx.quick, ctx.seed, ctx.progress)
+        figures[real_shape_key(real["device"])] = real
+    if ctx.wants("zoo"):
+        figures.update(zoo_figures(ctx))
+    return figures
+
+
+def zoo_figures(ctx: BenchContext) -> dict:
+    """Pruning sweep, FLOPs, CPU timings, layer profile and ViCA on the zoo's ShapesVQA LLaVA models."""
     loaded = load_vlm("shapes-llava")
     vica = load_vlm("shapes-vica")
     task = get_task("shapes_vqa", **TASK_OPTIONS)

@@ -68,6 +68,16 @@ def _test_examples(n: int, seed: int):
     return get_task("shapes_vqa", **TASK_OPTIONS).examples("test", n, seed=seed)
 
 
+def _refuse_qwen2vl_vica(base: str) -> None:
+    """ViCA is trained on LLaVA checkpoints only: a Qwen2-VL base is refused in one line before loading."""
+    from brisklm.vision.vlm import _model_type
+
+    path = Path(base)
+    if path.is_dir() and _model_type(path) in ("qwen2_vl", "qwen2_5_vl"):
+        raise BriskError(f"ViCA training needs a LLaVA checkpoint; {base} is {_model_type(path)} (Qwen2-VL runs "
+                         "dense, FastV, PyramidDrop and VisiPruner: use vision answer / vision eval)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from brisklm.vision.zoo import train_dense_model, train_vica_model
 
@@ -77,6 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
         if min(args.n_calib, args.n_test) < 1:
             raise BriskError(f"--n-calib and --n-test must be at least 1, got {args.n_calib} and {args.n_test}")
+        _refuse_qwen2vl_vica(args.base)
         quality = train_vica_model(args.base, out, args.seed, args.num_layers, args.steps or 200, args.lr or 1e-3,
                                    layers=layers, n_calib=args.n_calib, n_test=args.n_test)
     elif args.arch == "dense":
@@ -108,8 +119,9 @@ def cmd_answer(args: argparse.Namespace) -> int:
                                        **generation_options(loaded, args.temperature, args.top_p))
     info = ({"arch": "vica", "layers": list(layers)} if layers is not None else
             {"method": args.method, "visual_tokens_per_layer": [int(v[0]) for v in record.visual]})
-    print(json.dumps({"answer": answers[0], "images": len(images),
-                      "image_tokens": len(images) * loaded.processor.tokens_per_image, **info}))
+    counted = record is not None and bool(record.visual)  # the prompt's own count (dynamic resolution: Qwen2-VL)
+    tokens = int(record.visual[0].sum()) if counted else len(images) * loaded.processor.tokens_per_image
+    print(json.dumps({"answer": answers[0], "images": len(images), "image_tokens": tokens, **info}))
     return 0
 
 
@@ -171,7 +183,7 @@ def _method_args(p: argparse.ArgumentParser, default_method: str) -> None:
     p.add_argument("--keep", "--budget", dest="keep", type=int, default=None,
                    help="visual tokens kept (FastV/random; PyramidDrop's first stage; a cap for VisiPruner)")
     p.add_argument("--layer", type=int, default=2, help="FastV/random: tokens enter this layer pruned (K)")
-    p.add_argument("--shallow-layers", type=int, default=1, help="VisiPruner: layers where text sees only a sink")
+    p.add_argument("--shallow-layers", type=int, default=0, help="VisiPruner: layers where text sees only a sink")
     p.add_argument("--layer-threshold", type=float, default=0.995, help="VisiPruner: fusion if cos(o-c_j,o) < this")
     p.add_argument("--token-threshold", type=float, default=0.1, help="VisiPruner: keep j if ||c_j||/||o|| >= this")
     p.add_argument("--exit-threshold", type=float, default=0.999, help="VisiPruner: deep stage 'not needed' cosine")

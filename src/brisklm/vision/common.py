@@ -1,9 +1,10 @@
 """Shared pieces of the visual-token methods: visibility rules, last-token attention scoring, row packing,
 per-layer token accounting and analytic FLOPs.
 
-Scoring recomputes the last prompt token's attention row from the layer's own norm, q/k/v projections and
-rotary, read through the adapter (O(n d) per head, as PyramidDrop does), so it works whatever attention backend
-the model uses and on every supported family.
+The pruning methods score a layer from what the executor already computed there: an `AttentionTap`
+(`Plan.on_attention`) keeps the last prompt row's rotated query and the layer's keys/values, and the decision
+is taken when the next layer is reached (O(n d) for the scores, no projection recomputed).
+`last_token_attention` (recomputation from the layer input) stays for analysis over recorded hidden states.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from brisklm.core.adapter import ModelAdapter
 from brisklm.core.cache import RowMeta
-from brisklm.core.plan import window_mask
+from brisklm.core.plan import LayerStep, window_mask
+from brisklm.errors import BriskError
 
 # ----------------------------------------------------------------------------------------------- visibility
 
@@ -60,7 +62,10 @@ class LastTokenAttention:
 
     def contributions(self) -> torch.Tensor:
         """c_j = concat_h(a_hj * v_hj): (B, T, H * hd), each key's share of the last token's attention output."""
-        c = self.probs[..., None] * self.values  # (B, H, T, hd)
+        values = self.values
+        if values.shape[1] != self.probs.shape[1]:  # KV heads: repeat for the query heads that share them
+            values = values.repeat_interleave(self.probs.shape[1] // values.shape[1], dim=1)
+        c = self.probs[..., None] * values  # (B, H, T, hd)
         return c.permute(0, 2, 1, 3).reshape(c.shape[0], c.shape[2], -1)
 
     def head_mean(self) -> torch.Tensor:
@@ -79,7 +84,7 @@ def last_token_attention(adapter: ModelAdapter, layer_idx: int, hidden: torch.Te
     x = adapter.attn_input(layer_idx, hidden)
     (q,) = adapter.project(layer_idx, x[:, -1:], "q")
     k, v = adapter.project(layer_idx, x, "kv")  # (B, H_kv, T, hd) each, before rotary
-    cos, sin = adapter.rotary(hidden, meta["position"], layer_idx)
+    cos, sin = adapter.row_rotary(hidden, meta, layer_idx)  # M-RoPE axes where the rows carry them
     q = adapter.rotate(q, cos[:, -1:], sin[:, -1:])
     k = adapter.rotate(k, cos, sin)
     groups = adapter.num_heads // adapter.num_kv_heads
@@ -97,6 +102,62 @@ def last_token_attention(adapter: ModelAdapter, layer_idx: int, hidden: torch.Te
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return LastTokenAttention(probs=probs, values=v)
+
+
+class AttentionTap:
+    """`Plan.on_attention` hook: keeps, for the most recent layer, the last prompt row's rotated query (B, H, 1, hd),
+    that row's metadata and the keys/values (B, H_kv, T, hd) with their metadata, as the executor computed them."""
+
+    def __init__(self) -> None:
+        self.layer = -1
+        self.query: torch.Tensor | None = None
+        self.q_meta: RowMeta = {}
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.k_meta: RowMeta = {}
+
+    def __call__(self, layer_idx: int, query: torch.Tensor, q_meta: RowMeta, keys: torch.Tensor,
+                 values: torch.Tensor, k_meta: RowMeta) -> None:
+        last = q_meta["order"].masked_fill(~q_meta["valid"], -1).argmax(dim=1)  # each sample's last real query
+        index = last[:, None, None, None].expand(-1, query.shape[1], 1, query.shape[3])
+        self.query = query.gather(2, index)
+        self.q_meta = {name: value.gather(1, last[:, None]) for name, value in q_meta.items()}
+        self.keys, self.values, self.k_meta, self.layer = keys, values, k_meta, layer_idx
+
+
+def tap_attention(tap: AttentionTap, adapter: ModelAdapter, layer_idx: int, visibility,
+                  apply_window: bool = True) -> LastTokenAttention:
+    """The last row's attention at `layer_idx` from the tapped query and keys (no projection recomputed).
+
+    probs (B, H, T) over the tapped key rows (read their original rows from `tap.k_meta["row"]`); values are
+    the tapped (B, H_kv, T, hd), repeated only if contributions are asked for.
+    """
+    if tap.layer != layer_idx or tap.query is None:
+        raise BriskError(f"no attention was tapped at layer {layer_idx}: run the plan through the executor "
+                         "(Plan.on_attention) and score a layer from the next layer's decision")
+    q, k = tap.query, tap.keys
+    batch, heads, _, hd = q.shape
+    groups = heads // k.shape[1]
+    grouped = q.reshape(batch, k.shape[1], groups, hd)  # query head h uses KV head h // groups
+    scores = torch.matmul(grouped, k.transpose(2, 3)).reshape(batch, heads, -1) * adapter.attn_scaling(layer_idx)
+    softcap = adapter.attn_softcap(layer_idx)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    visible = visibility(tap.q_meta, tap.k_meta, layer_idx)[:, 0] & tap.k_meta["valid"]
+    window = adapter.sliding_window(layer_idx) if apply_window else None
+    if window is not None:
+        visible = visible & window_mask(tap.q_meta, tap.k_meta, window)[:, 0]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(tap.values.dtype)
+    return LastTokenAttention(probs=probs, values=tap.values)
+
+
+def to_stream(values: torch.Tensor, k_meta: RowMeta, meta: RowMeta, rows: int, fill: float) -> torch.Tensor:
+    """Per-key values (B, T_k) re-indexed onto the stream's rows (B, T) through original row ids (`fill` where
+    a stream row had no key); `rows` is the prompt's original length."""
+    by_row = torch.full((values.shape[0], rows), fill, dtype=values.dtype, device=values.device)
+    by_row.scatter_(1, k_meta["row"], values.masked_fill(~k_meta["valid"], fill))
+    return by_row.gather(1, meta["row"])
 
 
 def removal_cosine(contrib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +187,16 @@ def keep_step_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_right(keep)
 
 
+def removal_step(keep: torch.Tensor, step: LayerStep | None) -> LayerStep:
+    """A step that removes the rows outside `keep` (B, T) on entering the layer: they neither query, store
+    keys nor go through the MLP here, and leave the stream after it (as if gathered out before the layer)."""
+    index, valid = keep_step_rows(keep)
+    base = step or LayerStep()
+    rows = {name: keep if getattr(base, name) is None else getattr(base, name) & keep
+            for name in ("attn_rows", "mlp_rows", "kv_rows")}
+    return LayerStep(**rows, keep_after=index, keep_valid=valid)
+
+
 # ----------------------------------------------------------------------------------------------- accounting
 
 
@@ -139,6 +210,7 @@ class PruneRecord:
     kept: torch.Tensor | None = None  # (B,) critical tokens kept at the fusion layer
     exit_layer: torch.Tensor | None = None  # (B,) layer after which all visual tokens left (-1 = never)
     layer_min_cos: list[torch.Tensor] = field(default_factory=list)
+    score_macs: float = 0.0  # MACs spent scoring (all samples), counted in flops_ratio
 
     def observe(self, layer_idx: int, meta: RowMeta) -> None:
         """Note how many real rows (and visual rows) enter layer `layer_idx`."""
@@ -159,9 +231,17 @@ def layer_macs(n: int | torch.Tensor, d: int, m: int):
     return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
 
 
+def scoring_macs(probs: torch.Tensor, head_dim: int, contributions: bool) -> float:
+    """MACs of one tapped scoring: q.k over the keys (H * hd per key), plus ~5 more per key and channel for the
+    contributions, o and the removal cosines (VisiPruner)."""
+    batch, heads, keys = probs.shape
+    return float(batch * keys * heads * head_dim) * (1 + (5 if contributions else 0))
+
+
 def flops_ratio(record: PruneRecord, adapter: ModelAdapter, dense_rows: torch.Tensor) -> float:
-    """Analytic LM prefill FLOPs of the pruned run over the dense run (per-sample n_l, summed, then ratio)."""
+    """Analytic LM prefill FLOPs of the pruned run, scoring included, over the dense run (per-sample n_l,
+    summed, then ratio)."""
     d, m = adapter.hidden_size, adapter.intermediate_size
-    pruned = sum(layer_macs(r.double(), d, m).sum() for r in record.rows)
+    pruned = sum(layer_macs(r.double(), d, m).sum() for r in record.rows) + record.score_macs
     dense = len(record.rows) * layer_macs(dense_rows.double(), d, m).sum()
     return float(pruned / dense)

@@ -53,8 +53,8 @@ def build_plan(model, input_ids: torch.Tensor, position_ids: torch.Tensor, spec:
     if spec.keep is not None and spec.method != "dense":
         most = int(visual.sum(dim=1).max()) if visual.numel() else 0
         if spec.keep > most:
-            raise BriskError(f"budget {spec.keep} is larger than the {most} visual tokens of the prompt; "
-                             f"keep at most {most}")
+            raise BriskError(f"the budget keep={spec.keep} is larger than the {most} visual tokens of these prompts; "
+                             f"pass a keep of at most {most}")
     kw: dict[str, Any] = dict(record=record, position_ids=position_ids)
     if spec.method == "visipruner":
         config = spec.visipruner
@@ -84,12 +84,23 @@ def prune_prefill(model, batch: VLMBatch, spec: PruneSpec, cache: KVCache | None
     record = PruneRecord()
     batch = batch.to(model.device)  # a processor's batch may live elsewhere (e.g. made on the cpu)
     plan = build_plan(model, batch.input_ids, batch.position_ids, spec, record)
-    if embeds is None:
-        embeds = embed_multimodal(model, batch.input_ids, batch.pixel_values)
+    embeds = _multimodal(model, batch, plan, embeds)
     out = execute(model, inputs_embeds=embeds, plan=plan, cache=cache, attention_mask=batch.attention_mask,
                   logits_rows="last", flops=flops)
     record.plan = plan  # type: ignore[attr-defined]
     return out.logits[:, -1], record
+
+
+def _multimodal(model, batch, plan: Plan, embeds: torch.Tensor | None) -> torch.Tensor:
+    """The prompts' embeddings with the images written in; a Qwen2-VL batch also gives the plan its M-RoPE
+    positions (kept rows keep theirs: the executor gathers cos/sin with the rows)."""
+    rope = getattr(batch, "rope_position_ids", None)
+    if rope is not None:
+        from brisklm.vision.qwen2vl import embed_qwen2vl
+
+        plan.rope_position_ids = rope
+        return embed_qwen2vl(model, batch) if embeds is None else embeds
+    return embed_multimodal(model, batch.input_ids, batch.pixel_values) if embeds is None else embeds
 
 
 def decode_plan_fn(visibility, prefill: Plan | None = None) -> PlanFn:
@@ -118,8 +129,7 @@ def prune_generate(model, batch: VLMBatch, spec: PruneSpec, max_new_tokens: int 
     batch = batch.to(model.device)  # a processor's batch may live elsewhere (e.g. made on the cpu)
     plan = build_plan(model, batch.input_ids, batch.position_ids, spec, record)
     record.plan = plan  # type: ignore[attr-defined]
-    if embeds is None:
-        embeds = embed_multimodal(model, batch.input_ids, batch.pixel_values)
+    embeds = _multimodal(model, batch, plan, embeds)
     options = {"do_sample": False, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id, **generation}
     ids = generate(model, batch.input_ids, batch.attention_mask, inputs_embeds=embeds,
                    plan_fn=decode_plan_fn(plan.visibility, plan), cache=cache, max_new_tokens=max_new_tokens, **options)

@@ -13,6 +13,10 @@
 Layout (where the image tokens are, how many) comes from the input; batches of several images work, each
 sample with its own L*, kept set and exit layer. `mode="mask"` simulates the removal with visibility
 (same logits as "gather"), for testing.
+
+Layer l is scored from the query, keys and values the executor computed at l (an `AttentionTap`, nothing
+recomputed); the decision is taken and applied on entering layer l + 1 (= removal after layer l), so the
+last layer is never scored (a removal after it would change nothing).
 """
 
 from __future__ import annotations
@@ -26,20 +30,28 @@ from brisklm.core.cache import RowMeta
 from brisklm.core.plan import LayerStep, Plan
 from brisklm.errors import BriskError
 from brisklm.vision.common import (
+    AttentionTap,
     PruneRecord,
     VisualVisibility,
-    keep_step_rows,
-    last_token_attention,
     removal_cosine,
+    removal_step,
+    scoring_macs,
+    tap_attention,
+    to_stream,
     visual_row_meta,
 )
 
 
 @dataclass
 class VisiPrunerConfig:
-    """Thresholds are relative: cosine similarities and contribution-norm ratios, never absolute norms."""
+    """Thresholds are relative: cosine similarities and contribution-norm ratios, never absolute norms.
 
-    shallow_layers: int = 1
+    Default: no shallow stage. On the zoo LLaVA, which fuses the image into the text at layer 0, masking
+    text->vision at layer 0 (shallow_layers=1) keeps 0.558 of dense, below an image-blind model; with 0 it keeps
+    1.006 at a FLOPs ratio of 0.575 (256 ShapesVQA questions, scoring counted). Set shallow_layers for models
+    whose first layers are vision-passive."""
+
+    shallow_layers: int = 0
     detect_from: int | None = None  # first layer tested for fusion; None = shallow_layers
     layer_threshold: float = 0.995
     token_threshold: float = 0.1
@@ -76,23 +88,26 @@ class _VisiPrunerState:
         record.fusion_layer = torch.full((batch,), -1, dtype=torch.long, device=device)
         record.kept = torch.full((batch,), -1, dtype=torch.long, device=device)
         record.exit_layer = torch.full((batch,), -1, dtype=torch.long, device=device)
-        self.pending: torch.Tensor | None = None  # mask mode: (B, T0) rows to hide from the next layer on
+        self.tap = AttentionTap()
+        self.rows = visual.shape[1]
 
     def decide(self, layer_idx: int, hidden: torch.Tensor, meta: RowMeta, step: LayerStep | None) -> LayerStep | None:
-        if self.pending is not None:  # mask mode: removals decided at the previous layer take effect now
-            self.visibility.dropped = self.visibility.dropped | self.pending
-            self.pending = None
         alive = meta["visual"] & meta["valid"]
         if self.visibility.dropped is not None:
             alive = alive & ~self.visibility.dropped.gather(1, meta["row"])
-        self.record.observe(layer_idx, {**meta, "valid": meta["valid"] & (alive | ~meta["visual"])})
+        scored = layer_idx - 1  # the layer whose attention decides what enters this one
         start = self.config.detect_from if self.config.detect_from is not None else self.config.shallow_layers
         active = ~self.exited & alive.any(dim=1)
-        if layer_idx < start or not bool(active.any()):
+        if not self.config.deep_exit:  # after firing, nothing is left to decide: stop scoring
+            active = active & ~self.fired
+        if scored < start or not bool(active.any()):
+            self.record.observe(layer_idx, {**meta, "valid": meta["valid"] & (alive | ~meta["visual"])})
             return step
-        scores = last_token_attention(self.adapter, layer_idx, hidden, meta, self.visibility)
-        cos, ratio = removal_cosine(scores.contributions())
-        cos = cos.masked_fill(~alive, 1.0)
+        scores = tap_attention(self.tap, self.adapter, scored, self.visibility)
+        self.record.score_macs += scoring_macs(scores.probs, self.adapter.head_dim, contributions=True)
+        key_cos, key_ratio = removal_cosine(scores.contributions())
+        cos = to_stream(key_cos, self.tap.k_meta, meta, self.rows, 1.0).masked_fill(~alive, 1.0)
+        ratio = to_stream(key_ratio, self.tap.k_meta, meta, self.rows, 0.0)
         self.record.layer_min_cos.append(cos.min(dim=1).values)
         remove = torch.zeros_like(alive)
         # middle stage: detect the fusion layer and keep the critical tokens
@@ -103,11 +118,11 @@ class _VisiPrunerState:
                 critical = critical & _top_mask(ratio.masked_fill(~alive, -1.0), self.config.max_keep)
             remove |= fire[:, None] & alive & ~critical
             self.fired |= fire
-            self.record.fusion_layer[fire] = layer_idx
+            self.record.fusion_layer[fire] = scored
             self.record.kept[fire] = critical.sum(dim=1)[fire]
             empty = fire & ~critical.any(dim=1)
             self.exited |= empty
-            self.record.exit_layer[empty] = layer_idx
+            self.record.exit_layer[empty] = scored
         # deep stage: count layers where no kept token matters, then remove them all
         if self.config.deep_exit:
             deep = active & self.fired & ~fire
@@ -117,22 +132,16 @@ class _VisiPrunerState:
             if bool(leave.any()):
                 remove |= leave[:, None] & alive
                 self.exited |= leave
-                self.record.exit_layer[leave] = layer_idx
+                self.record.exit_layer[leave] = scored
+        self.record.observe(layer_idx, {**meta, "valid": meta["valid"] & ((alive & ~remove) | ~meta["visual"])})
         if not bool(remove.any()):
             return step
-        return self._removal(remove, meta, step)
-
-    def _removal(self, remove: torch.Tensor, meta: RowMeta, step: LayerStep | None) -> LayerStep | None:
-        if self.mode == "mask":
+        if self.mode == "mask":  # hidden as keys from this layer on (the rows stay in the stream)
             rows = torch.zeros_like(self.visibility.dropped)
             rows.scatter_(1, meta["row"], remove)
-            self.pending = rows
+            self.visibility.dropped = self.visibility.dropped | rows
             return step
-        keep = ~remove & (meta["valid"] | ~meta["visual"])
-        index, valid = keep_step_rows(keep)
-        base = step or LayerStep()
-        return LayerStep(attn_rows=base.attn_rows, mlp_rows=base.mlp_rows, kv_rows=base.kv_rows,
-                         keep_after=index, keep_valid=valid)
+        return removal_step(~remove & (meta["valid"] | ~meta["visual"]), step)
 
 
 def _top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -154,6 +163,6 @@ def visipruner_plan(model, visual: torch.Tensor, config: VisiPrunerConfig | None
     config.check(adapter.num_layers)
     state = _VisiPrunerState(adapter, visual, config, mode, record if record is not None else PruneRecord())
     plan = Plan(position_ids=position_ids, visibility=state.visibility, row_meta=visual_row_meta(visual),
-                decide=state.decide)
+                decide=state.decide, on_attention=state.tap)
     plan.state = state  # type: ignore[attr-defined]  (callers may read the per-sample stages)
     return plan

@@ -231,6 +231,10 @@ def load_vlm(name_or_path: str, seed: int = 0, device: str = "auto", dtype: str 
     from brisklm.vision.processor import check_image_size, has_processor, load_processor
 
     path = resolve(name_or_path, seed)
+    if _model_type(path) in ("qwen2_vl", "qwen2_5_vl"):  # dynamic resolution and M-RoPE: vision/qwen2vl.py
+        from brisklm.vision.qwen2vl import load_qwen2vl
+
+        return load_qwen2vl(path, device, dtype, chat_template, system_prompt)
     if not has_processor(path):
         check_image_size(path)  # before loading: a tower without its image size does not load as saved
     try:
@@ -243,6 +247,14 @@ def load_vlm(name_or_path: str, seed: int = 0, device: str = "auto", dtype: str 
     model.eval()
     processor = load_processor(path, model, tokenizer, model_device(model), chat_template, system_prompt)
     return LoadedVLM(model, processor, path, read_quality(path))
+
+
+def _model_type(path: Path) -> str | None:
+    """config.json's model_type of a checkpoint folder (None when it has none)."""
+    import json
+
+    config_file = Path(path) / "config.json"
+    return json.loads(config_file.read_text()).get("model_type") if config_file.exists() else None
 
 
 def new_tiny_llava(tokenizer: PreTrainedTokenizerFast, seed: int, **config_kw) -> LlavaForConditionalGeneration:
