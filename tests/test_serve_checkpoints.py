@@ -98,23 +98,43 @@ def test_fixture_sessions_equal_offline_wait_k(fixture_checkpoints, style):
     assert health["mean_batch"] > 1, "the sessions were not batched"
 
 
-@pytest.mark.parametrize("head, threshold", [("entropy", 4.0), ("attention", 0.3)])
-def test_head_on_subword_checkpoint_is_batched(fixture_checkpoints, head, threshold):
-    model, text = loaded(fixture_checkpoints, "qwen2")
+HEAD_SOURCES = [*SOURCES, ["the", "quick", "brown", "fox", "jumps", "over"]]
+
+
+@pytest.mark.parametrize("head, threshold", [("entropy", 4.0), ("attention", 0.3), ("probe", 0.5)])
+def test_heads_on_a_subword_checkpoint_equal_head_decode(fixture_checkpoints, tmp_path, head, threshold):
+    """Concurrent head sessions on one batched engine give head_decode's words and delays: the head decides at
+    word starts only, a token continuing the open word is always written, word j waits for j source words.
+    The probe is a random linear probe stored beside a copy of the checkpoint (its weights do not matter here)."""
+    import shutil
+
+    from brisklm.serve.method_policies import served_head
+    from brisklm.streaming.proactive.heads import LinearProbe, save_probe
+    from brisklm.streaming.proactive.subword import head_decode
+
+    folder = tmp_path / "qwen2"
+    shutil.copytree(fixture_checkpoints("qwen2"), folder)
+    if head == "probe":
+        torch.manual_seed(0)
+        save_probe(LinearProbe(64), folder)
+    model, text = loaded(lambda style: folder, "qwen2")
+    expected = head_decode(model, text, HEAD_SOURCES, served_head(head, model), threshold, max_words=6).outputs
+    assert sum(len(o.words) for o in expected) > 4, "the fixture writes (next to) nothing: the check would be empty"
+    assert any(d > 1 for o in expected for d in o.delays), "no READ decision: the head's rule would go untested"
     app = create_app(model, text, policy=head, options={"threshold": threshold, "max_words": 6},
                      limits=Limits(max_source_words=20))
     with BackgroundServer(app) as srv:
         async def main():
-            return await asyncio.gather(*[translate_over_ws(srv.ws_url, s, timeout=T) for s in SOURCES])
+            return await asyncio.gather(*[translate_over_ws(srv.ws_url, s, per_message=1 + i % 2, timeout=T)
+                                          for i, s in enumerate(HEAD_SOURCES)])
 
         results = run(main())
         health = http(srv.url + "/health")[1]
-    for src, result in zip(SOURCES, results):
+    for result, out in zip(results, expected):
         assert result.final["type"] == "done", result.final
-        delays = result.final["delays"]
-        assert delays == sorted(delays) and all(1 <= d <= len(src) for d in delays)
-        assert len(result.final["words"]) <= 7  # max_words (+ the open word the cap completes)
-    assert health["mean_batch"] > 1
+        assert (result.words, result.delays) == (out.words, out.delays)
+        assert (result.final["words"], result.final["delays"]) == (out.words, out.delays)
+    assert health["mean_batch"] > 1, "the sessions were not batched"
 
 
 def test_bad_input_gets_one_error_frame_and_spares_other_sessions(fixture_checkpoints):

@@ -147,4 +147,38 @@ def test_thinker_policy_over_ws_matches_thinker_session(thinker):
         error = run(out_of_order())
         assert error["code"] == "bad_state" and error["fatal"] and "send the question first" in error["message"]
         wait_for_sessions(srv, 0)
-        assert get_json(srv.url + "/health")["policy"] == "thinker"
+        health = get_json(srv.url + "/health")
+        assert health["policy"] == "thinker"
+        assert health["mean_batch"] > 1, "the thinker sessions were not batched"
+
+
+def test_batch_cot_thinker_sessions_are_batched_and_equal_thinker_session():
+    """thinker-batch-cot (mode batch: every unit after the input ends, reasoning positions after the input):
+    concurrent sessions on one slot engine give what a ThinkerSession alone gives."""
+    from brisklm.streaming.thinker.data import thinker_task
+    from brisklm.streaming.thinker.session import ThinkerSession
+    from brisklm.zoo.store import load
+
+    torch.set_num_threads(1)
+    loaded = load("thinker-batch-cot")
+    model, tok = loaded.model, loaded.tokenizer
+    examples = thinker_task().examples("test", 3, seed=6)
+    options = {"mode": "batch", "depth": "D2"}
+    app = create_app(model, tok, policy="thinker", options=options, limits=Limits(max_source_words=80))
+    with BackgroundServer(app) as srv:
+        async def main():
+            return await asyncio.gather(*[translate_over_ws(srv.ws_url, " ".join(e.meta["segments"]).split(),
+                                                            per_message=2, timeout=T) for e in examples])
+
+        results = run(main())
+        health = get_json(srv.url + "/health")
+    for e, res in zip(examples, results):
+        session = ThinkerSession(model, tok, "D2", mode="batch")
+        session.read_question(e.meta["question"])
+        for fact in e.meta["facts"]:
+            session.read_fact(fact)
+        final, answer = session.finish()
+        reasons = [f for f in res.frames if f["type"] == "reason"]
+        assert [f["text"] for f in reasons if not f.get("final")] == session.units
+        assert reasons[-1]["text"] == final and res.final["words"] == [answer]
+    assert health["mean_batch"] > 1

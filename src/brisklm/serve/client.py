@@ -141,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for frame in result.frames:
         if frame["type"] == "word":
             print(f"{frame['word']}\tdelay={frame['delay']}\tlatency_ms={frame['latency_ms']}")
+        elif frame["type"] == "reason":  # thinker policies: a reasoning unit, then the final segment
+            print(f"[{'final' if frame.get('final') else 'unit'}] {frame['text']}\tdelay={frame['delay']}")
         elif frame["type"] == "error":
             print(f"brisk: error: {frame['code']}: {frame['message']}", file=sys.stderr)
     final = result.final or {}

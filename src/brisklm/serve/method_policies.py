@@ -2,36 +2,36 @@
 
 Imported by serve/policy.py (PLUGIN_MODULES); registers:
 
-* `entropy`, `attention`, `probe`: a decision head chooses READ or WRITE at every step, with the rules of
-  `heads.live_decode` (same words and delays). Options: threshold (default per head, as `brisk stream
-  translate`), min_lag, phi, max_words. The probe is loaded once per model folder from the checkpoint the
-  server serves (e.g. translate-proactive); clients cannot name files.
-* `thinker`: StreamingThinker on a thinker model (streaming-thinker). The source is the question ending with
-  '?' and then facts each ending with '.'; a `reason` frame carries each reasoning unit the moment its segment
-  is complete, and at the end a `reason` frame with the final segment (extra fields final=true, answer) and
-  the answer as the session's one target word (so `done.words == [answer]`). Options: depth (D1/D2/D3,
-  default D2), mode (streaming/batch), max_unit_tokens, max_final_tokens.
+* `entropy`, `attention`, `probe`: a decision head chooses READ or WRITE, with the rules of
+  `heads.live_decode` on word-level models and of `subword.head_decode` on subword ones (same words and
+  delays: a head decides only where a target word starts). Options: threshold (default per head, as `brisk
+  stream translate`), min_lag, phi, max_words. The probe is loaded once per model folder from the checkpoint
+  the server serves (e.g. translate-proactive); clients cannot name files.
+* `thinker`: on a subword checkpoint, the text thinker (serve/thinker_slots.py; options max_unit_tokens,
+  max_final_tokens). On a word-level thinker zoo model (streaming-thinker): the source is the
+  question ending with '?' and then facts each ending with '.'; a `reason` frame carries each reasoning unit
+  the moment its segment is complete, and at the end a `reason` frame with the final segment (extra fields
+  final=true, answer) and the answer as the session's one target word (so `done.words == [answer]`). Options:
+  depth (D1/D2/D3, default D2), mode (streaming/batch), max_unit_tokens, max_final_tokens.
 
-The heads are slot policies: their reads, closes and writes run batched with every other session of the same
-engine (wait-k sessions included), and each head's signal is computed once per batched write. The thinker
-still uses the minimal protocol (on_words / on_end): the scheduler runs it one session at a time.
+All are slot policies: their engine steps run batched with every other session of the same engine (wait-k
+sessions included, for the heads), and each head's signal is computed once per batched write. The thinkers
+run on thinker slot engines (serve/thinker_slots.py; the zoo models' steps in serve/zoo_thinker_slots.py).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from brisklm.core.text import as_text_layer, word_ids
+from brisklm.core.text import TextLayer, as_text_layer
 from brisklm.errors import BriskError
-from brisklm.serve.policy import CLOSE, READ, WRITE, Item, SlotPolicy, Step, register_policy
+from brisklm.serve.policy import CLOSE, FINISH, READ, WRITE, Item, SlotPolicy, Step, register_policy
 
 HEAD_POLICIES = ("entropy", "attention", "probe")
 DEFAULT_THRESHOLDS = {"entropy": 0.5, "attention": 0.3, "probe": 0.5}  # as `brisk stream translate`
-QUESTION_END, FACT_END = "?", "."
 
 _PROBES: dict[str, Any] = {}
 _PROBES_LOCK = threading.Lock()
@@ -88,8 +88,10 @@ class HeadPolicy(SlotPolicy):
     ahead to know whether the source goes on: here that look-ahead is the buffer of received words, and where
     it would block, the policy waits for the next message.
 
-    Subword models: the head decides at every written token (a READ mid-word retracts that token; the word's
-    delay stays the source words read at its first token), and min_lag counts words started.
+    Subword models follow `subword.head_decode`: the head decides only at a row whose greedy token would start
+    a target word (or end the target); a token continuing the open word is always written, with no read; and
+    word j is not started before j + min_lag - 1 source words are read while source remains. The length caps
+    are head_decode's, counted on the whole source: while it may go on, a stream at a cap waits for more.
     """
 
     def __init__(self, model, tokenizer, head, threshold: float, *, min_lag: int = 1, phi: int = 0,
@@ -106,27 +108,47 @@ class HeadPolicy(SlotPolicy):
             return None
         return Step(READ, self.buffer[:1]) if more else Step(CLOSE)
 
+    def _cap(self) -> str | None:
+        """head_decode's length caps: 'stop' when reached for good, 'hold' when reached for the source received
+        so far while more may come (the cap grows with the source), None otherwise."""
+        from brisklm.streaming.policies import target_limit, token_limit
+
+        s, b = self.engine.session, self.row
+        if s.words_started(b) >= self.max_words:
+            return "stop"
+        if s.words_started(b) >= target_limit(self.received) or len(s.written[b]) >= token_limit(self.received):
+            return "stop" if self.ended else "hold"
+        return None
+
     def decide(self) -> Step | None:
         s, b = self.engine.session, self.row
+        cap = self._cap()
+        if cap == "stop":
+            s.stop(b)
+            return Step(FINISH)
         if self.read_next and not s.closed[b]:
             return self._read_one()
-        if not s.closed[b] and s.words_read(b) < s.words_started(b) + self.min_lag:
-            more = self._more()
-            if more is None:
-                return None
-            if more:
-                return Step(READ, self.buffer[:1])
-        if self._more() is None:
+        more = self._more()
+        if more is None or cap == "hold":  # a write must know whether source remains (end mask, floor)
             return None
+        # the floor before a word can start: with no word open, every token starts one (or ends the target),
+        # so the READ head_decode's gate would choose after the forward is taken before it (same outputs)
+        if more and not s.closed[b] and not s.target_words[b].open and \
+                s.words_read(b) < s.words_started(b) + self.min_lag:
+            return Step(READ, self.buffer[:1])
         return Step(WRITE)
 
     def forbid_end(self) -> bool:
         return bool(self._more())
 
     def allow(self, session, logits, signals: dict) -> bool:
+        from brisklm.streaming.proactive.subword import starts_word
+
         b = self.row
-        if session.closed[b]:
-            return True
+        if session.closed[b] or not starts_word(session, b, int(logits[b].argmax())):
+            return True  # after the source ended, or inside a word: always write
+        if self._more() and session.words_read(b) < session.words_started(b) + self.min_lag:
+            return False  # the floor: the next word needs more source first
         key = (self.head.name, id(self.head.probe))
         if key not in signals:  # one signal computation per batched write and head kind
             signals[key] = self.head.signal(session, logits)
@@ -138,12 +160,9 @@ class HeadPolicy(SlotPolicy):
         return super().apply_step(step)
 
     def after_write(self) -> None:
-        from brisklm.streaming.policies import MAX_TOKENS_PER_WORD, target_limit
-
         s, b = self.engine.session, self.row
         self.read_next = bool(s.wants_read[b]) and not s.closed[b]
-        cap = min(self.max_words, target_limit(s.words_read(b)))
-        if not s.done[b] and (len(s.outputs[b].words) >= cap or len(s.written[b]) >= MAX_TOKENS_PER_WORD * cap):
+        if not s.done[b] and self._cap() == "stop":
             s.stop(b)
 
 
@@ -163,85 +182,48 @@ def _head_factory(name: str):
 
 
 # ------------------------------------------------------------------------------------------------ StreamingThinker
-class ThinkerPolicy:
-    """StreamingThinker over a word stream: '?' closes the question, '.' closes each fact, 'end' asks for the answer."""
-
-    name = "thinker"
-
-    def __init__(self, model, tokenizer, depth: str = "D2", mode: str = "streaming", max_unit_tokens: int = 12,
-                 max_final_tokens: int = 64) -> None:
-        from brisklm.streaming.thinker.session import ThinkerSession
-
-        self.tokenizer = tokenizer
-        self.thinker = ThinkerSession(model, tokenizer, depth, mode=mode, max_unit_tokens=max_unit_tokens,
-                                      max_final_tokens=max_final_tokens)
-        self.segment: list[str] = []  # words of the question / fact being received
-        self.received = 0
-        self.sent_units = 0
-        self.ended = False
-
-    def check_words(self, words: Sequence[str]) -> None:
-        word_ids(self.tokenizer, list(words))  # raises naming unknown words / a subword tokenizer
-
-    def _new_units(self, unlocked_at: float) -> list[Item]:
-        """`reason` items for units the session wrote since the last call."""
-        items = []
-        for unit in self.thinker.units[self.sent_units:]:
-            self.sent_units += 1
-            items.append(Item("reason", unit, self.received, self.sent_units, unlocked_at,
-                              {"unit": self.sent_units - 1}))
-        return items
-
-    def on_words(self, words: Sequence[str]) -> list[Item]:
-        if self.ended:
-            raise BriskError("the source already ended: send no words after 'end'")
-        self.check_words(words)
-        now, items = time.perf_counter(), []
-        for word in words:
-            self.received += 1
-            self.segment.append(word)
-            if word == QUESTION_END:
-                if self.thinker.started:
-                    raise BriskError("a second '?': send the question once, then facts that each end with '.'")
-                self.thinker.read_question(self.segment)
-            elif word == FACT_END:
-                if not self.thinker.started:
-                    raise BriskError("a fact came before the question: send the question first, ending with '?' "
-                                     "(e.g. 'Q: C from A ?'), then facts such as 'B = A + 4 .'")
-                self.thinker.read_fact(self.segment)
-            else:
-                continue
-            self.segment = []
-            items += self._new_units(now)
-        return items
-
-    def on_end(self) -> list[Item]:
-        if self.ended:
-            raise BriskError("the source already ended: send 'end' once")
-        if not self.thinker.started:
-            raise BriskError("the source has no question: send the question ending with '?' before 'end'")
-        if self.segment:
-            raise BriskError(f"the last fact {' '.join(self.segment)!r} does not end with '.': finish it before 'end'")
-        self.ended = True
-        now = time.perf_counter()
-        final, answer = self.thinker.finish()
-        items = self._new_units(now)  # batch mode writes its units only now
-        items.append(Item("reason", final, self.received, self.sent_units + 1, now, {"final": True, "answer": answer}))
-        items.append(Item("word", answer, self.received, 1, now))
-        items.append(Item("end", answer, self.received, 1, now, {"truncated": self.thinker.truncated}))
-        return items
-
-    def memory_bytes(self) -> int:
-        return self.thinker.input_cache.nbytes() + self.thinker.reasoning_cache.nbytes()
+def _served_folder(model) -> Path | None:
+    path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return Path(path) if path and Path(path).is_dir() else None
 
 
-def _thinker_factory(model, tokenizer, depth: Any = "D2", mode: Any = "streaming", max_unit_tokens: Any = 12,
-                     max_final_tokens: Any = 64, engines=None, **unused: Any) -> ThinkerPolicy:
+def _thinker_factory(model, tokenizer, depth: Any = None, mode: Any = None, max_unit_tokens: Any = None,
+                     max_final_tokens: Any = None, engines=None, **unused: Any):
+    """The zoo thinker protocol on a thinker zoo model (word-level), else the text thinker of any subword
+    checkpoint; both batched across sessions on thinker slot engines (serve/thinker_slots.py)."""
+    text = as_text_layer(tokenizer)
+    if not text.word_level:
+        from brisklm.serve.thinker_slots import TextThinkerPolicy
+        from brisklm.streaming.thinker.text import load_settings, unit_end
+
+        _reject_unknown("thinker", unused, ("max_unit_tokens", "max_final_tokens"))
+        if depth is not None or mode is not None:
+            raise BriskError("policy thinker options depth and mode apply to the word-level thinker zoo models; "
+                             "on this checkpoint pass only max_unit_tokens and max_final_tokens")
+        folder = _served_folder(model)
+        settings = load_settings(folder) if folder is not None else {}
+        if settings.get("chat_template") is False and text.chat_template:  # trained on the plain layout: keep it
+            text = TextLayer.for_model(model, text.tokenizer, chat_template=False)
+        marker = unit_end(text, settings.get("unit_end"))[1]
+        return TextThinkerPolicy(
+            model, text, marker,
+            max_unit_tokens=_positive_int("max_unit_tokens", 48 if max_unit_tokens is None else max_unit_tokens,
+                                          "thinker"),
+            max_final_tokens=_positive_int("max_final_tokens", 128 if max_final_tokens is None else max_final_tokens,
+                                           "thinker"),
+            engines=engines)
     _reject_unknown("thinker", unused, ("depth", "mode", "max_unit_tokens", "max_final_tokens"))
+    depth, mode = "D2" if depth is None else depth, "streaming" if mode is None else mode
     if not isinstance(depth, str) or not isinstance(mode, str):
         raise BriskError("policy thinker options depth and mode must be strings (e.g. depth D2, mode streaming)")
-    return ThinkerPolicy(model, as_text_layer(tokenizer).tokenizer, depth, mode, _positive_int("max_unit_tokens", max_unit_tokens, "thinker"),
-                         _positive_int("max_final_tokens", max_final_tokens, "thinker"))
+    from brisklm.serve.zoo_thinker_slots import ZooThinkerPolicy
+
+    return ZooThinkerPolicy(model, text, depth, mode,
+                            max_unit_tokens=_positive_int("max_unit_tokens", 12 if max_unit_tokens is None
+                                                          else max_unit_tokens, "thinker"),
+                            max_final_tokens=_positive_int("max_final_tokens", 64 if max_final_tokens is None
+                                                           else max_final_tokens, "thinker"),
+                            engines=engines)
 
 
 for _name, _what in (("entropy", "WRITE when the predictive entropy <= threshold (nats)"),

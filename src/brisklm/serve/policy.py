@@ -5,9 +5,9 @@ words arrive and `on_end() -> items` when the source ends; an item is one thing 
 reasoning unit, the end). Any streaming method (learned read/write heads, StreamingThinker) plugs in by
 implementing those two calls and registering a factory with `register_policy`.
 
-A `SlotPolicy` (wait-k here, the decision heads in method_policies.py) never runs the model itself: it holds a
-slot of a persistent batched engine (serve/slots.py), and the scheduler runs the pending steps of all slots of
-an engine as one call per kind (read / close / write). `on_words`/`on_end` of such a policy run the same steps
+A `SlotPolicy` (wait-k here, the decision heads in method_policies.py, the text thinker in thinker_slots.py)
+never runs the model itself: it holds a slot of a persistent batched engine (serve/slots.py), and the scheduler
+runs the pending steps of all slots of an engine as one call per kind (read / close / write). `on_words`/`on_end` of such a policy run the same steps
 alone, so both paths share one decision procedure.
 """
 

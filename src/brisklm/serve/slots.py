@@ -259,6 +259,7 @@ class EnginePool:
     def __init__(self, model, text: TextLayer, instruction: str | None = None, max_rows: int = 64) -> None:
         self.model, self.text, self.instruction, self.max_rows = model, text, instruction, max_rows
         self.engines: dict[int, list[SlotEngine]] = {}
+        self.others: dict[tuple, list] = {}  # engines of other kinds (e.g. the batched thinker), per key
 
     def engine(self, phi: int = 0) -> SlotEngine:
         """An engine of this phi with a free row (a new one when every engine is full)."""
@@ -269,7 +270,17 @@ class EnginePool:
         group.append(SlotEngine(self.model, self.text, phi=phi, instruction=self.instruction, max_rows=self.max_rows))
         return group[-1]
 
+    def other_engine(self, key: tuple, make: Callable[[int], object]):
+        """An engine of another kind with a free row: one of `key`'s, or `make(max_rows)` when all are full.
+        Such an engine has `full`, `acquire()`, `release(slot)`, `compact()` and the batched calls it serves."""
+        group = self.others.setdefault(key, [])
+        for engine in group:
+            if not engine.full:
+                return engine
+        group.append(make(self.max_rows))
+        return group[-1]
+
     def compact(self) -> None:
-        for group in self.engines.values():
+        for group in [*self.engines.values(), *self.others.values()]:
             for engine in group:
                 engine.compact()
