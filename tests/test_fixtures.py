@@ -93,13 +93,19 @@ def test_icl_encoding_on_subword_fixture(fixture_checkpoints, style):
     assert 0.0 <= res.accuracy <= 1.0 and res.pir["residual"].ranks.shape[0] == 4
 
 
-def test_word_level_streaming_refuses_subword_tokenizer(fixture_checkpoints):
-    from brisklm.errors import BriskError
+def test_live_decode_on_a_subword_tokenizer_is_head_decode(fixture_checkpoints):
+    """The word-level live decoder hands a subword checkpoint to head_decode (decisions at word starts only)."""
+    from brisklm.core.text import TextLayer
     from brisklm.streaming.proactive.heads import Head, live_decode
+    from brisklm.streaming.proactive.subword import head_decode
 
     loaded = load(str(fixture_checkpoints("llama3")))
-    with pytest.raises(BriskError, match="one token per word"):  # GPE wait-k takes subwords now; the heads not yet
-        live_decode(loaded.model, loaded.tokenizer, ["the", "lazy", "dog"], Head("entropy"), 0.5)
+    words = ["the", "lazy", "dog"]
+    live = live_decode(loaded.model, loaded.tokenizer, words, Head("entropy"), 4.0)
+    text = TextLayer.for_model(loaded.model, loaded.tokenizer)
+    direct = head_decode(loaded.model, text, [words], Head("entropy"), 4.0)
+    assert live.words and live.words == direct.outputs[0].words
+    assert live.delays == direct.outputs[0].delays
 
 
 def test_calibration_text_file_on_subword_fixture(fixture_checkpoints, tmp_path):
