@@ -258,25 +258,28 @@ def test_reasoning_zoo_recipes_define_arith_cot():
     known = recipes()
     teacher, student = known["arith-cot"].options, known["arith-cot-student"].options
     assert teacher["task_options"] == student["task_options"] == TASK_OPTIONS
-    # the curriculum ends on the verbose CoT (what On-Policy SFT shortens); the student is smaller
-    assert [style for style, _ in teacher["phases"]] == ["minimal", "verbose"] == [s for s, _ in student["phases"]]
-    assert student["shape"]["hidden_size"] < 128 and student["shape"]["num_hidden_layers"] < 4
+    assert TASK_OPTIONS["recheck"] == "end"  # the layout the teacher learns (README: why)
+    assert student["shape"]["hidden_size"] < 128 and student["shape"]["num_hidden_layers"] < 4  # smaller than tiny
+    assert student["train"]["steps"] < teacher["train"]["steps"]  # part-trained
 
 
-def test_cot_curriculum_recipe_trains_each_phase_in_order(tmp_path):
-    from brisklm.reasoning.zoo import train_cot_curriculum
-    from brisklm.zoo.registry import ZooRecipe
-    from brisklm.zoo.store import load
+def test_cot_recheck_at_end_layout():
+    from brisklm.tasks.cot_arithmetic import REDUNDANT_LINES, CotArithmeticTask, parse_answer
 
-    phases = (("minimal", dict(steps=2, batch_size=4, learning_rate=1e-3)),
-              ("verbose", dict(steps=3, batch_size=4, learning_rate=1e-3)))
-    recipe = ZooRecipe(name="t", description="", task="cot_arithmetic", train=train_cot_curriculum,
-                       quality_metric="accuracy",
-                       options=dict(n_train=16, n_test=4, max_new_tokens=8, evaluator="answers", phases=phases,
-                                    task_options=dict(min_terms=3, max_terms=3, modulus=5),
-                                    shape=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                               num_key_value_heads=1, intermediate_size=32)))
-    quality = train_cot_curriculum(recipe, tmp_path, seed=0)
-    assert [(p["style"], p["steps"]) for p in quality["phases"]] == [("minimal", 2), ("verbose", 3)]
-    assert quality["train_steps"] == 5 and 0.0 <= quality["accuracy"] <= 1.0 and quality["test_examples"] == 4
-    assert load(str(tmp_path)).model.config.hidden_size == 16
+    task = CotArithmeticTask(min_terms=3, max_terms=4, modulus=5, recheck="end")
+    saw_recheck = False
+    for e in task.examples("train", 60):
+        minimal, verbose = e.meta["minimal_cot"], e.meta["verbose_cot"]
+        steps = minimal.rsplit(" answer ", 1)[0]
+        assert verbose.startswith(steps + " ") and verbose.endswith(f"answer {e.answer}")  # steps first, unbroken
+        tail = verbose[len(steps):].rsplit(" answer ", 1)[0].split(";")
+        final = e.meta["steps"][-1].split()  # a op b = c
+        a, op, b, _, c = final
+        allowed = {template.format(a=a, op=op, b=b, c=c) for template in REDUNDANT_LINES}
+        for line in filter(str.strip, tail):  # every re-check is about the final step
+            saw_recheck = True
+            assert line.strip() in allowed, line
+        assert parse_answer(verbose) == e.answer == final[-1]
+    assert saw_recheck
+    with pytest.raises(BriskError, match="recheck"):
+        CotArithmeticTask(recheck="middle")
