@@ -285,27 +285,28 @@ def latent_over_seeds(parts: list[dict[str, Any]]) -> dict[str, Any]:
                    for key in ("accuracy", "mean_generated_tokens")} for name in names}
 
 
-def merge_parts(parts: list[dict[str, Any]], distillation: dict[str, Any], curriculum: dict[str, Any],
-                out_dir) -> dict[str, Any]:
-    """The reasoning figures from per-seed parts and the (internally seeded) distillation and curriculum studies;
-    the plots show the first seed."""
-    first = parts[0]
+def merge_parts(opsft_parts: list[dict[str, Any]], latent_parts: list[dict[str, Any]], distillation: dict[str, Any],
+                curriculum: dict[str, Any], out_dir) -> dict[str, Any]:
+    """The reasoning figures from per-seed parts (On-Policy SFT and latent CoT may cover different seeds when run
+    as separate processes) and the (internally seeded) distillation and curriculum studies; plots show the first."""
+    first, latent_first = opsft_parts[0], latent_parts[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     accuracy_length_figure(first["opsft"]).savefig(out_dir / "reasoning-accuracy-length.png")
-    latent_figure(first["latent_cot"], first["opsft"]).savefig(out_dir / "reasoning-latent.png")
+    latent_figure(latent_first["latent_cot"], first["opsft"]).savefig(out_dir / "reasoning-latent.png")
     teacher = load("arith-cot")
     student = load("arith-cot-student")
     return {"teacher": {k: teacher.quality[k] for k in ("accuracy", "mean_completion_words", "wall_seconds")
                         if teacher.quality and k in teacher.quality},
             "student": {k: student.quality[k] for k in ("accuracy", "mean_completion_words", "wall_seconds")
                         if student.quality and k in student.quality},
-            "seeds": len(parts), "opsft": first["opsft"], "opsft_wall_seconds": first["opsft_wall_seconds"],
-            "opsft_over_seeds": opsft_over_seeds(parts), "distillation": distillation,
-            "curriculum_vs_fixed_cap": curriculum, "latent_cot": first["latent_cot"],
-            "latent_over_seeds": latent_over_seeds(parts),
-            "latent_per_seed": {str(p["seed"]): p["latent_cot"]["rows"] for p in parts},
+            "opsft_seeds": [p["seed"] for p in opsft_parts], "latent_seeds": [p["seed"] for p in latent_parts],
+            "opsft": first["opsft"], "opsft_wall_seconds": first["opsft_wall_seconds"],
+            "opsft_over_seeds": opsft_over_seeds(opsft_parts), "distillation": distillation,
+            "curriculum_vs_fixed_cap": curriculum, "latent_cot": latent_first["latent_cot"],
+            "latent_over_seeds": latent_over_seeds(latent_parts),
+            "latent_per_seed": {str(p["seed"]): p["latent_cot"]["rows"] for p in latent_parts},
             "opsft_per_seed": {str(p["seed"]): {k: p["opsft"][k] for k in ("greedy", "sampled_T1", "budget_L",
-                                                                          "length_reduction")} for p in parts},
+                                                                          "length_reduction")} for p in opsft_parts},
             "plots": ["reasoning-accuracy-length.png", "reasoning-latent.png"]}
 
 
@@ -317,4 +318,4 @@ def bench_reasoning(ctx: BenchContext) -> dict[str, Any]:
     memo: dict = {}
     distillation = distill_study(ctx.quick, ctx.seed, progress=ctx.progress, memo=memo)
     curriculum = curriculum_study(ctx.quick, ctx.seed, progress=ctx.progress, memo=memo)
-    return merge_parts(parts, distillation, curriculum, ctx.out_dir)
+    return merge_parts(parts, parts, distillation, curriculum, ctx.out_dir)
