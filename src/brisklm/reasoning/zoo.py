@@ -30,7 +30,7 @@ register(ZooRecipe(
     train=train_text_recipe,
     quality_metric="accuracy",
     options=dict(n_train=20000, n_test=300, max_new_tokens=120, evaluator="answers", task_options=TASK_OPTIONS,
-                 train=dict(steps=350, batch_size=32, learning_rate=3e-3, log_every=50)),
+                 train=dict(steps=500, batch_size=32, learning_rate=3e-3, log_every=50)),
 ))
 register(ZooRecipe(
     name="arith-cot-student",
