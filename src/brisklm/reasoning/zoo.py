@@ -25,7 +25,7 @@ STUDENT_SHAPE = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
 register(ZooRecipe(
     name="arith-cot",
     description="multi-step arithmetic answered after a verbose chain of thought that re-checks the final step "
-                "(reasoning area teacher)",
+                "(reasoning area teacher; measured greedy accuracy 0.77 on its 300 test prompts, chance 0.2)",
     task="cot_arithmetic",
     train=train_text_recipe,
     quality_metric="accuracy",
@@ -34,7 +34,8 @@ register(ZooRecipe(
 ))
 register(ZooRecipe(
     name="arith-cot-student",
-    description="smaller student (d=96, 3 layers), part-trained on the same verbose CoT, for distillation",
+    description="smaller student (d=96, 3 layers), part-trained on the same verbose CoT, for distillation "
+                "(measured greedy accuracy 0.44)",
     task="cot_arithmetic",
     train=train_text_recipe,
     quality_metric="accuracy",
