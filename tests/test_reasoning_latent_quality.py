@@ -6,8 +6,9 @@ dropped after the pauses / its 6 tokens internalized), greedy on 200 test prompt
 Measured with the earlier teacher (the quick benchmark run, seed 0): stage 0 accuracy 0.70 with 18.1 generated
 tokens; stage 1: pause 1.00, coconut 0.515, internalize 0.355, each with 12.1 generated tokens; the floors are
 about 3 standard errors (n = 200) below those. With the current teacher (0.77, `recheck="end"` layout;
-benchmarks/results/reasoning.json, seed 0) stage 0 reaches 1.00 but stage 1 gives pause 0.18, coconut 0.315,
-internalize 0.405: pause and Coconut are expected failures until that regression is understood (README).
+benchmarks/results/reasoning.json, seed 0; seeds 0-2 in brackets) stage 0 reaches 1.00 but stage 1 gives pause
+0.18 (0.18 / 0.21 / 0.78), coconut 0.315 (0.315 / 0.35 / 0.405), internalize 0.405 (0.405 / 0.535 / 0.36): pause
+and Coconut are expected failures until that regression is understood (README).
 The later stages (no explicit step left) stay near chance at this training budget.
 """
 
