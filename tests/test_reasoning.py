@@ -256,6 +256,30 @@ def test_reasoning_zoo_recipes_define_arith_cot():
     from brisklm.zoo.registry import recipes
 
     known = recipes()
-    assert known["arith-cot"].options["task_options"] == TASK_OPTIONS
-    assert known["arith-cot"].options["train"]["batch_size"] == 64
-    assert known["arith-cot-student"].options["shape"]["num_hidden_layers"] == 2
+    teacher, student = known["arith-cot"].options, known["arith-cot-student"].options
+    assert teacher["task_options"] == student["task_options"] == TASK_OPTIONS
+    assert TASK_OPTIONS["recheck"] == "end"  # the layout the teacher learns (README: why)
+    assert student["shape"]["hidden_size"] < 128 and student["shape"]["num_hidden_layers"] < 4  # smaller than tiny
+    assert student["train"]["steps"] < teacher["train"]["steps"]  # part-trained
+
+
+def test_cot_recheck_at_end_layout():
+    from brisklm.tasks.cot_arithmetic import REDUNDANT_LINES, CotArithmeticTask, parse_answer
+
+    task = CotArithmeticTask(min_terms=3, max_terms=4, modulus=5, recheck="end")
+    saw_recheck = False
+    for e in task.examples("train", 60):
+        minimal, verbose = e.meta["minimal_cot"], e.meta["verbose_cot"]
+        steps = minimal.rsplit(" answer ", 1)[0]
+        assert verbose.startswith(steps + " ") and verbose.endswith(f"answer {e.answer}")  # steps first, unbroken
+        tail = verbose[len(steps):].rsplit(" answer ", 1)[0].split(";")
+        final = e.meta["steps"][-1].split()  # a op b = c
+        a, op, b, _, c = final
+        allowed = {template.format(a=a, op=op, b=b, c=c) for template in REDUNDANT_LINES}
+        for line in filter(str.strip, tail):  # every re-check is about the final step
+            saw_recheck = True
+            assert line.strip() in allowed, line
+        assert parse_answer(verbose) == e.answer == final[-1]
+    assert saw_recheck
+    with pytest.raises(BriskError, match="recheck"):
+        CotArithmeticTask(recheck="middle")

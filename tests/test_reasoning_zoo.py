@@ -1,7 +1,10 @@
-"""Reasoning area, slow tests on the trained zoo model: On-Policy SFT shortens the verbose CoT at kept accuracy.
+"""Reasoning area, slow tests on the trained zoo model: On-Policy SFT shortens the verbose CoT; does it keep accuracy?
 
-Thresholds come from `brisk bench reasoning --quick` (same settings): greedy accuracy 0.367 -> 0.367 (chance 0.2),
-greedy length 48.6 -> 24.8, sampled length 58.2 -> 29.0, kept fraction 0.05 -> 0.28 over 30 rounds.
+Same settings as `brisk bench reasoning --quick`, seed 0. Measured with the 0.77 teacher (`recheck="end"` layout,
+benchmarks/results/reasoning.json): greedy length 38.9 -> 15.0 on 128 prompts, kept fraction 0.21 -> 0.46; greedy
+accuracy 0.773 -> 0.453. Over seeds 0-2 accuracy was kept only for seed 1 (0.836 -> 0.844): the filter also keeps
+lucky answers that skip the last step, and the model learns to stop early (README). The accuracy claim is
+therefore an expected failure here, kept as a test so that a fix shows up as an unexpected pass.
 """
 
 from __future__ import annotations
@@ -17,17 +20,28 @@ from brisklm.zoo.store import load
 pytestmark = pytest.mark.slow
 
 
-def test_opsft_shortens_cot_and_keeps_accuracy():
+@pytest.fixture(scope="module")
+def opsft_run():
     base = load("arith-cot")
     task = CotArithmeticTask(**TASK_OPTIONS)
     train, test = task.examples("train", 2000), task.examples("test", 128)
     greedy = lambda: evaluate_rollouts(base.model, base.tokenizer, test, is_correct, 1, 96, 0.0)
     sampled = evaluate_rollouts(base.model, base.tokenizer, test, is_correct, 1, 96, 1.0, seed=7)
     before = greedy()
-    assert before["accuracy"] >= 0.3, before  # above chance (0.2); the tiny base model is weak (README)
+    assert before["accuracy"] >= 0.6, before  # the teacher is well above chance (0.2); measured 0.773
     config = OPSFTConfig(budget=int(round(0.7 * sampled["mean_length"])), rounds=30, seed=0)
     logs = on_policy_sft(base.model, base.tokenizer, train, is_correct, config)
-    after = greedy()
+    return before, greedy(), logs
+
+
+def test_opsft_shortens_cot(opsft_run):
+    before, after, logs = opsft_run
     assert after["mean_length"] <= 0.7 * before["mean_length"], (before, after)
-    assert after["accuracy"] >= before["accuracy"] - 0.08, (before, after)
     assert sum(r["kept"] for r in logs[-5:]) > 2 * sum(r["kept"] for r in logs[:5])
+
+
+@pytest.mark.xfail(reason="measured at seed 0: greedy accuracy 0.773 -> 0.453 (the model learns to skip the last "
+                          "step; README, reasoning section)", strict=False)
+def test_opsft_keeps_accuracy(opsft_run):
+    before, after, _ = opsft_run
+    assert after["accuracy"] >= before["accuracy"] - 0.08, (before, after)

@@ -1,7 +1,9 @@
 """`brisk bench reasoning`: On-Policy SFT (accuracy and CoT length before/after, accuracy under budgets), the
 four decoupled distillation objectives plus two KL mixes (accuracy, pass@k, entropy; mean over seeds), the
 entropy-gated length curriculum against a fixed cap, and latent CoT (pause, Coconut, internalization) against
-explicit CoT (accuracy and generated tokens per stage), all on verbose-CoT arithmetic."""
+explicit CoT (accuracy and generated tokens per stage), all on verbose-CoT arithmetic. On-Policy SFT and the
+latent study run for 3 seeds (`seed_part`, which can also run as separate processes and be joined by
+`merge_parts`); distillation and the curriculum run their 3 seeds inside."""
 
 from __future__ import annotations
 
@@ -240,21 +242,79 @@ def accuracy_length_figure(opsft: dict[str, Any]):
     return fig
 
 
-def bench_reasoning(ctx: BenchContext) -> dict[str, Any]:
-    """On-Policy SFT and decoupled distillation figures; plot accuracy against mean length."""
+SEEDS = 3  # On-Policy SFT and the latent study run once per seed; distillation and curriculum run their seeds inside
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation and the values themselves (NaN-free lists only)."""
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def seed_part(quick: bool, seed: int, progress: Callable | None = None) -> dict[str, Any]:
+    """The per-seed studies: On-Policy SFT and latent CoT (each trains its own copy of arith-cot)."""
     start = time.perf_counter()
-    opsft = opsft_study(ctx.quick, ctx.seed, progress=ctx.progress)
-    fig = accuracy_length_figure(opsft)
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(ctx.out_dir / "reasoning-accuracy-length.png")
+    opsft = opsft_study(quick, seed, progress=progress)
     opsft_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    latent = latent_study(quick, seed, progress=progress)
+    latent["wall_seconds"] = time.perf_counter() - start
+    return {"seed": seed, "opsft": opsft, "opsft_wall_seconds": opsft_seconds, "latent_cot": latent}
+
+
+def opsft_over_seeds(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Length cut and accuracy change of On-Policy SFT, greedy and sampled, as mean and spread over seeds."""
+    out: dict[str, Any] = {"seeds": [p["seed"] for p in parts]}
+    for mode in ("greedy", "sampled_T1"):
+        for when in ("before", "after"):
+            for key in ("accuracy", "mean_length"):
+                out[f"{mode} {key} {when}"] = _spread([p["opsft"][mode][when][key] for p in parts])
+        out[f"{mode} length_reduction"] = _spread([1 - p["opsft"][mode]["after"]["mean_length"]
+                                                   / p["opsft"][mode]["before"]["mean_length"] for p in parts])
+        out[f"{mode} accuracy_change_points"] = _spread([100 * (p["opsft"][mode]["after"]["accuracy"]
+                                                                - p["opsft"][mode]["before"]["accuracy"])
+                                                         for p in parts])
+    out["budget_L"] = [p["opsft"]["budget_L"] for p in parts]
+    return out
+
+
+def latent_over_seeds(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each latent-study row (explicit CoT, every method at every stage): accuracy and generated tokens over seeds."""
+    names = list(parts[0]["latent_cot"]["rows"])
+    return {name: {key: _spread([p["latent_cot"]["rows"][name][key] for p in parts])
+                   for key in ("accuracy", "mean_generated_tokens")} for name in names}
+
+
+def merge_parts(opsft_parts: list[dict[str, Any]], latent_parts: list[dict[str, Any]], distillation: dict[str, Any],
+                curriculum: dict[str, Any], out_dir) -> dict[str, Any]:
+    """The reasoning figures from per-seed parts (On-Policy SFT and latent CoT may cover different seeds when run
+    as separate processes) and the (internally seeded) distillation and curriculum studies; plots show the first."""
+    first, latent_first = opsft_parts[0], latent_parts[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accuracy_length_figure(first["opsft"]).savefig(out_dir / "reasoning-accuracy-length.png")
+    latent_figure(latent_first["latent_cot"], first["opsft"]).savefig(out_dir / "reasoning-latent.png")
+    teacher = load("arith-cot")
+    student = load("arith-cot-student")
+    return {"teacher": {k: teacher.quality[k] for k in ("accuracy", "mean_completion_words", "wall_seconds")
+                        if teacher.quality and k in teacher.quality},
+            "student": {k: student.quality[k] for k in ("accuracy", "mean_completion_words", "wall_seconds")
+                        if student.quality and k in student.quality},
+            "opsft_seeds": [p["seed"] for p in opsft_parts], "latent_seeds": [p["seed"] for p in latent_parts],
+            "opsft": first["opsft"], "opsft_wall_seconds": first["opsft_wall_seconds"],
+            "opsft_over_seeds": opsft_over_seeds(opsft_parts), "distillation": distillation,
+            "curriculum_vs_fixed_cap": curriculum, "latent_cot": latent_first["latent_cot"],
+            "latent_over_seeds": latent_over_seeds(latent_parts),
+            "latent_per_seed": {str(p["seed"]): p["latent_cot"]["rows"] for p in latent_parts},
+            "opsft_per_seed": {str(p["seed"]): {k: p["opsft"][k] for k in ("greedy", "sampled_T1", "budget_L",
+                                                                          "length_reduction")} for p in opsft_parts},
+            "plots": ["reasoning-accuracy-length.png", "reasoning-latent.png"]}
+
+
+def bench_reasoning(ctx: BenchContext) -> dict[str, Any]:
+    """On-Policy SFT and latent CoT over 3 seeds, the distillation objectives and the curriculum (3 seeds inside);
+    plot accuracy against length for the first seed."""
+    parts = [seed_part(ctx.quick, ctx.seed + s, progress=ctx.progress) for s in range(SEEDS)]
     memo: dict = {}
     distillation = distill_study(ctx.quick, ctx.seed, progress=ctx.progress, memo=memo)
     curriculum = curriculum_study(ctx.quick, ctx.seed, progress=ctx.progress, memo=memo)
-    start = time.perf_counter()
-    latent = latent_study(ctx.quick, ctx.seed, progress=ctx.progress)
-    latent["wall_seconds"] = time.perf_counter() - start
-    latent_figure(latent, opsft).savefig(ctx.out_dir / "reasoning-latent.png")
-    return {"opsft": opsft, "opsft_wall_seconds": opsft_seconds, "distillation": distillation,
-            "curriculum_vs_fixed_cap": curriculum, "latent_cot": latent,
-            "plots": ["reasoning-accuracy-length.png", "reasoning-latent.png"]}
+    return merge_parts(parts, parts, distillation, curriculum, ctx.out_dir)

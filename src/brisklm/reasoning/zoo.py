@@ -1,8 +1,13 @@
-"""Zoo recipes of the reasoning area: a verbose-CoT arithmetic base model that works, and a small student.
+"""Zoo recipes of the reasoning area: a verbose-CoT arithmetic teacher strong enough to separate the methods, and a
+part-trained student for distillation.
 
-`arith-cot` replaces the earlier recipe of the same name (5 terms, batch 32 x 600 steps: 18% accuracy):
-3-4 terms and batch 64 x 320 steps (see the README for its measured accuracy and time).
-`arith-cot-student` is a deliberately small model (d=64, 2 layers) for the distillation benchmark.
+Both train on the *re-check-at-end* layout of `cot_arithmetic` (`recheck="end"`): the minimal steps come first,
+unbroken (`3 + 4 = 2 ; 2 - 1 = 1 ;`), then 0-3 redundant re-check lines per step, all about the final step, then
+the answer. The earlier layout (an opener restating the problem, and re-check lines after every step) made the
+position of the next operand vary from example to example: at batch 64 x 320 steps the teacher reached greedy
+accuracy 0.357 (chance 0.2), and a student distilled from it stayed at chance. With the steps unbroken the operand
+of step k sits at a fixed distance, as in the minimal CoT, and the over-thinking that On-Policy SFT removes is the
+re-checking after the answer is known. The README's reasoning section has the measured accuracy and time.
 """
 
 from __future__ import annotations
@@ -10,28 +15,30 @@ from __future__ import annotations
 from brisklm.zoo.recipes import train_text_recipe
 from brisklm.zoo.registry import ZooRecipe, register
 
-# 3-4 terms mod 5 (2-3 steps, each followed by 0-3 redundant lines): verbose CoT ~58 tokens, minimal ~18.
+# 3-4 terms mod 5 (2-3 steps): verbose CoT ~47 tokens, minimal ~17.
 # Mod 10 at this size learnt the format but not the sums in 320 steps (accuracy 0.077, it copied the term).
-TASK_OPTIONS = dict(min_terms=3, max_terms=4, modulus=5)
-STUDENT_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                     intermediate_size=176)
+TASK_OPTIONS = dict(min_terms=3, max_terms=4, modulus=5, recheck="end")
+STUDENT_SHAPE = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=256)
 
 
 register(ZooRecipe(
     name="arith-cot",
-    description="multi-step arithmetic answered after a verbose, redundant chain of thought (reasoning area recipe)",
+    description="multi-step arithmetic answered after a verbose chain of thought that re-checks the final step "
+                "(reasoning area teacher; measured greedy accuracy 0.77 on its 300 test prompts, chance 0.2)",
     task="cot_arithmetic",
     train=train_text_recipe,
     quality_metric="accuracy",
     options=dict(n_train=20000, n_test=300, max_new_tokens=120, evaluator="answers", task_options=TASK_OPTIONS,
-                 train=dict(steps=320, batch_size=64, learning_rate=3e-3, log_every=40)),
+                 train=dict(steps=500, batch_size=32, learning_rate=3e-3, log_every=50)),
 ))
 register(ZooRecipe(
     name="arith-cot-student",
-    description="small student (d=64, 2 layers) briefly trained on the verbose CoT, for distillation",
+    description="smaller student (d=96, 3 layers), part-trained on the same verbose CoT, for distillation "
+                "(measured greedy accuracy 0.44)",
     task="cot_arithmetic",
     train=train_text_recipe,
     quality_metric="accuracy",
-    options=dict(n_train=10000, n_test=200, max_new_tokens=120, evaluator="answers", shape=STUDENT_SHAPE, task_options=TASK_OPTIONS,
-                 train=dict(steps=200, batch_size=32, learning_rate=3e-3, log_every=50)),
+    options=dict(n_train=10000, n_test=200, max_new_tokens=120, evaluator="answers", shape=STUDENT_SHAPE,
+                 task_options=TASK_OPTIONS, train=dict(steps=250, batch_size=32, learning_rate=3e-3, log_every=50)),
 ))

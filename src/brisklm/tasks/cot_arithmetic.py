@@ -44,8 +44,10 @@ class CotArithmeticTask(Task):
     name = "cot_arithmetic"
 
     def __init__(self, min_terms: int = 4, max_terms: int = 5, modulus: int = 10, verbosity: float = 0.5,
-                 max_redundant: int = 3, style: str = "verbose") -> None:
-        """Configure the number of terms, modulus, the chance of each redundant line, and which CoT is the completion."""
+                 max_redundant: int = 3, style: str = "verbose", recheck: str = "each_step") -> None:
+        """Configure the number of terms, modulus, the chance of each redundant line, which CoT is the completion,
+        and where the verbose CoT re-checks: after each step (`each_step`, with an opener restating the problem), or
+        only at the `end` (the minimal steps first, then the re-check lines, all about the final step)."""
         if not 2 <= min_terms <= max_terms:
             raise BriskError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
         if not 2 <= modulus <= 100:
@@ -54,6 +56,9 @@ class CotArithmeticTask(Task):
             raise BriskError("verbosity must be in [0, 1] and max_redundant >= 0")
         if style not in ("verbose", "minimal"):
             raise BriskError(f"unknown style {style!r}: use 'verbose' or 'minimal'")
+        if recheck not in ("each_step", "end"):
+            raise BriskError(f"unknown recheck {recheck!r}: use 'each_step' or 'end'")
+        self.recheck = recheck
         self.min_terms, self.max_terms, self.modulus = min_terms, max_terms, modulus
         self.verbosity, self.max_redundant, self.style = verbosity, max_redundant, style
 
@@ -68,7 +73,8 @@ class CotArithmeticTask(Task):
         terms = [rng.randrange(self.modulus) for _ in range(n_terms)]
         ops = [rng.choice(OPERATORS) for _ in range(n_terms - 1)]
         problem = " ".join([str(terms[0])] + [f"{op} {t}" for op, t in zip(ops, terms[1:])])
-        minimal, verbose = [], [rng.choice(OPENERS).format(problem=problem) + f" {STEP_END}"]
+        at_end = self.recheck == "end"
+        minimal, verbose, tail = [], [] if at_end else [rng.choice(OPENERS).format(problem=problem) + f" {STEP_END}"], []
         steps, total = [], terms[0]
         for op, term in zip(ops, terms[1:]):
             new = (total + term if op == "+" else total - term) % self.modulus
@@ -78,8 +84,12 @@ class CotArithmeticTask(Task):
             verbose.append(line)
             for _ in range(self.max_redundant):
                 if rng.random() < self.verbosity:
-                    verbose.append(rng.choice(REDUNDANT_LINES).format(a=total, op=op, b=term, c=new) + f" {STEP_END}")
+                    tail.append(rng.choice(REDUNDANT_LINES))
+                    if not at_end:  # re-check this step now; at the end every re-check is about the final step
+                        verbose.append(tail.pop().format(a=total, op=op, b=term, c=new) + f" {STEP_END}")
+            last = dict(a=total, op=op, b=term, c=new)
             total = new
+        verbose += [template.format(**last) + f" {STEP_END}" for template in tail]
         answer = str(total)
         tail = f"{ANSWER_MARKER} {answer}"
         minimal_cot = " ".join([*minimal, tail])
