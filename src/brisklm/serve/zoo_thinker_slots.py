@@ -11,12 +11,10 @@ from typing import Sequence
 
 import torch
 
-from brisklm.core import Plan, execute
 from brisklm.core.text import TextLayer, word_ids
 from brisklm.errors import BriskError
 from brisklm.serve.slots import Slot
 from brisklm.serve.thinker_slots import PER_ROW, ThinkerEngine, TextThinkerPolicy
-from brisklm.streaming.engine import TARGET, GroupVisibility
 from brisklm.streaming.thinker.data import DEPTHS, THINKER_WORDS, check_depth, check_mode
 from brisklm.streaming.thinker.session import parse_answer
 from brisklm.streaming.thinker.text import TextThinkerSession
@@ -37,26 +35,10 @@ class _Rows(TextThinkerSession):
             if name not in PER_ROW:
                 setattr(self, name, [fresh])
 
-    @torch.no_grad()
-    def _feed(self, rows: list[list[int]], logits: bool = True) -> list[torch.Tensor | None]:
+    def _reasoning_positions(self, order: torch.Tensor) -> torch.Tensor:
         if self.mode == "streaming":
-            return super()._feed(rows, logits)
-        if max(len(r) for r in rows) == 0:
-            return [None] * self.batch_size
-        ids, valid, order = self._batch(rows, self.tgt_tokens, self.text.roles.pad_id)
-        position = order + torch.tensor(self.src_tokens)[:, None]
-        sees = torch.tensor(self.segments)[:, None].expand_as(ids).clone()
-        meta = {"group": torch.full_like(ids, TARGET), "segment": torch.zeros_like(ids), "sees": sees}
-        plan = Plan(position_ids=position.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
-                    row_meta={k: v.to(self.device) for k, v in meta.items()})
-        out = execute(self.model, ids.to(self.device), plan=plan, cache=self.reasoning_cache,
-                      context=[self.input_cache], attention_mask=valid.to(self.device),
-                      logits_rows="all" if logits else "none")
-        for b, r in enumerate(rows):
-            self.tgt_tokens[b] += len(r)
-        if not logits:
-            return [None] * self.batch_size
-        return [out.logits[b, len(r) - 1].float().cpu() if r else None for b, r in enumerate(rows)]
+            return order
+        return order + torch.tensor(self.src_tokens)[:, None]  # batch CoT: reasoning after the whole input
 
 
 class ZooThinkerEngine(ThinkerEngine):

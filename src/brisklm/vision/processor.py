@@ -44,6 +44,23 @@ def _rows(images: Sequence[Any]) -> list[list[Any]]:
     return [list(row) if isinstance(row, (list, tuple)) else [row] for row in images]
 
 
+def chat_frame(owner: Any, question: str, num_images: int, image_token: str, system_prompt: str | None,
+               template: bool) -> str | None:
+    """The question framed by `owner`'s chat template with one image entry per image (None without a template).
+
+    A question that writes the image token itself places the images there, one token per image."""
+    written = question.count(image_token)
+    if written and written != num_images:
+        raise BriskError(f"the question holds {written} {image_token} token(s) but {num_images} image(s) "
+                         f"were given; write one {image_token} per image, or none to let the template place them")
+    if not template:
+        return None
+    content: Any = question if written else [*([{"type": "image"}] * num_images), {"type": "text", "text": question}]
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+    messages.append({"role": "user", "content": content})
+    return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 class CheckpointProcessor:
     """Model inputs through a checkpoint's own `LlavaProcessor` (or any processor with the same call)."""
 
@@ -71,16 +88,8 @@ class CheckpointProcessor:
         """The prompt text with one image placeholder per image: through the chat template when there is one.
 
         A question that writes the image token itself places the images there (one token per image)."""
-        written = question.count(self.image_token)
-        if written and written != num_images:
-            raise BriskError(f"the question holds {written} {self.image_token} token(s) but {num_images} image(s) "
-                             f"were given; write one {self.image_token} per image, or none to let the template place them")
-        if self.template:
-            content: Any = question if written else [*([{"type": "image"}] * num_images), {"type": "text", "text": question}]
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-            messages.append({"role": "user", "content": content})
-            framed = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
+        framed = chat_frame(self.processor, question, num_images, self.image_token, self.system_prompt, self.template)
+        if framed is None:
             framed = question + self.tokenizer.decode(self.text.separator_ids)
         found = framed.count(self.image_token)
         if found == 0:

@@ -21,6 +21,7 @@ import torch
 from brisklm.core.generate import left_pad
 from brisklm.core.text import TextLayer
 from brisklm.errors import BriskError
+from brisklm.vision.processor import chat_frame
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -129,16 +130,9 @@ class QwenVLProcessor:
 
     def frame(self, question: str, num_images: int = 1) -> str:
         """The prompt text with one image placeholder per image (where the template or the question puts it)."""
-        written = question.count(self.image_token)
-        if written and written != num_images:
-            raise BriskError(f"the question holds {written} {self.image_token} token(s) but {num_images} image(s) "
-                             f"were given; write one {self.image_token} per image, or none to let the template place them")
-        if self.template:
-            content: Any = question if written else [*([{"type": "image"}] * num_images), {"type": "text", "text": question}]
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-            messages.append({"role": "user", "content": content})
-            framed = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
+        framed = chat_frame(self.tokenizer, question, num_images, self.image_token, self.system_prompt, self.template)
+        if framed is None:
+            written = question.count(self.image_token)
             framed = (question if written else IMAGE_PLACEHOLDER * num_images + question) + \
                 self.tokenizer.decode(self.text.separator_ids)
         found = framed.count(self.image_token)

@@ -301,6 +301,11 @@ class TextThinkerSession:
             self.src_tokens[b] += len(r)
         self.input_tokens_forwarded += int(valid.sum())
 
+    def _reasoning_positions(self, order: torch.Tensor) -> torch.Tensor:
+        """Position ids of reasoning rows: their own group, from 0 (streaming); a subclass may place them after
+        the input instead (the batch-CoT baseline)."""
+        return order
+
     @torch.no_grad()
     def _feed(self, rows: list[list[int]], logits: bool = True) -> list[torch.Tensor | None]:
         """Feed reasoning rows per stream (each sees the input read so far); (V,) logits of each stream's last row."""
@@ -309,7 +314,8 @@ class TextThinkerSession:
         ids, valid, order = self._batch(rows, self.tgt_tokens, self.text.roles.pad_id)
         sees = torch.tensor(self.segments)[:, None].expand_as(ids).clone()
         meta = {"group": torch.full_like(ids, TARGET), "segment": torch.zeros_like(ids), "sees": sees}
-        plan = Plan(position_ids=order.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
+        position = self._reasoning_positions(order)
+        plan = Plan(position_ids=position.to(self.device), order=order.to(self.device), visibility=GroupVisibility(),
                     row_meta={k: v.to(self.device) for k, v in meta.items()})
         out = execute(self.model, ids.to(self.device), plan=plan, cache=self.reasoning_cache,
                       context=[self.input_cache], attention_mask=valid.to(self.device),
