@@ -3,10 +3,11 @@
 Why: trained from scratch, `shapes-llava` fuses the whole image into the text at layer 0 (dropping every visual
 token after layer 0 keeps its accuracy), so no visual-token selection can matter on it. Simply hiding visual keys
 from text at the shallow layers in training does not undo that: the layer-0 weights that read the image get no
-gradient and still read it at inference (measured: with every visual token dropped after layer 0 it still scored
-0.621 against dense 0.668). Here text queries at layers < `vision_from` instead see a decoy, the visual tokens of another
-image of the batch (same positions), and the real image only from `vision_from` on. Reading the image early then
-costs loss, so the shallow layers learn to ignore visual keys and the model reads the image later, as LLaVA does.
+gradient and still read it at inference (measured: with every visual token dropped after layer 0 it still
+scored 0.621 against dense 0.668). Here text queries at layers < `vision_from` instead see a decoy, the visual
+tokens of another image of the batch (same positions), and the real image only from `vision_from` on. Reading
+the image early then costs loss, so the shallow layers learn to ignore visual keys and the model reads the image
+later, as LLaVA does (a batch of one would be its own decoy; the zoo recipe trains full batches of 32).
 At inference there is no decoy: every method runs the ordinary dense forward.
 """
 
