@@ -277,3 +277,19 @@ def train_dense_model(out_dir: Path, seed: int, steps: int | None = None, lr: fl
     if lr is not None:
         recipe.options["train"]["learning_rate"] = lr
     return recipe.train(recipe, Path(out_dir), seed)
+
+
+# ----------------------------------------------------------------------------------------------- late fusion
+
+from brisklm.vision.staged import train_late_recipe  # noqa: E402 (staged.py uses this module's helpers)
+
+register(ZooRecipe(
+    name="shapes-llava-late",
+    description="shapes-llava fine-tuned to read the image from layer 2 on (decoy images at layers 0-1 in training), "
+                "so that visual-token selection matters",
+    task="shapes_vqa",
+    train=train_late_recipe,
+    quality_metric="accuracy",
+    options=dict(base="shapes-llava", vision_from=2, steps=300, batch_size=32, learning_rate=1e-3, n_test=400,
+                 threads=1),
+))
