@@ -60,4 +60,4 @@ def bench_analysis(ctx: BenchContext) -> dict:
     accuracy = {row["quadrant"]: row["accuracy"] for row in exp.quadrant_rows()}
     return {"model": MODEL, "model_quality": loaded.quality, "prompts_per_condition": n, "pir": pir,
             "accuracy_per_quadrant": accuracy, "experiment": exp.to_json(), "time_per_100_prompts": timing,
-            "plot": str(fig_path)}
+            "plot": fig_path.name}  # beside the results, in benchmarks/plots/analysis/

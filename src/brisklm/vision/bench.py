@@ -8,6 +8,7 @@ All ratios are against the dense model measured in the same run; timings are med
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -158,7 +159,7 @@ def _plots(ctx: BenchContext, rows: list[dict], profile: dict, dense_acc: float,
     fig.legend(loc="upper right")
     paths.append(str(ctx.out_dir / "vision-layer-profile.png"))
     fig.savefig(paths[1], bbox_inches="tight")
-    return paths
+    return [Path(path).name for path in paths]  # file names: the plots sit beside the results
 
 
 def blank_image(example: Example) -> Example:
