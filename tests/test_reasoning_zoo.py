@@ -1,10 +1,9 @@
 """Reasoning area, slow tests on the trained zoo model: On-Policy SFT shortens the verbose CoT; does it keep accuracy?
 
-Same settings as `brisk bench reasoning --quick`, seed 0. Measured with the 0.77 teacher (`recheck="end"` layout,
-benchmarks/results/reasoning.json): greedy length 38.9 -> 15.0 on 128 prompts, kept fraction 0.21 -> 0.46; greedy
-accuracy 0.773 -> 0.453. Over seeds 0-2 accuracy was kept only for seed 1 (0.836 -> 0.844): the filter also keeps
-lucky answers that skip the last step, and the model learns to stop early (README). The accuracy claim is
-therefore an expected failure here, kept as a test so that a fix shows up as an unexpected pass.
+Same settings as `brisk bench reasoning --quick`, seed 0. Measured with the 800-step teacher (benchmarks/results/
+reasoning.json): greedy length 44.7 -> 18.0 on 128 prompts, kept fraction 0.26 -> 0.98, greedy accuracy 1.000 ->
+1.000 (seeds 1 and 2 the same). With the earlier 0.77 teacher accuracy fell at seeds 0 and 2 (0.773 -> 0.453): the
+filter kept lucky answers that skipped the last step; the accuracy test was then an expected failure.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ def opsft_run():
     greedy = lambda: evaluate_rollouts(base.model, base.tokenizer, test, is_correct, 1, 96, 0.0)
     sampled = evaluate_rollouts(base.model, base.tokenizer, test, is_correct, 1, 96, 1.0, seed=7)
     before = greedy()
-    assert before["accuracy"] >= 0.6, before  # the teacher is well above chance (0.2); measured 0.773
+    assert before["accuracy"] >= 0.6, before  # the teacher is well above chance (0.2); measured 1.000
     config = OPSFTConfig(budget=int(round(0.7 * sampled["mean_length"])), rounds=30, seed=0)
     logs = on_policy_sft(base.model, base.tokenizer, train, is_correct, config)
     return before, greedy(), logs
@@ -40,8 +39,6 @@ def test_opsft_shortens_cot(opsft_run):
     assert sum(r["kept"] for r in logs[-5:]) > 2 * sum(r["kept"] for r in logs[:5])
 
 
-@pytest.mark.xfail(reason="measured at seed 0: greedy accuracy 0.773 -> 0.453 (the model learns to skip the last "
-                          "step; README, reasoning section)", strict=False)
 def test_opsft_keeps_accuracy(opsft_run):
     before, after, _ = opsft_run
     assert after["accuracy"] >= before["accuracy"] - 0.08, (before, after)
