@@ -31,7 +31,8 @@ register(ZooRecipe(
     train=train_text_recipe,
     quality_metric="accuracy",
     options=dict(n_train=20000, n_test=300, max_new_tokens=120, evaluator="answers", task_options=TASK_OPTIONS,
-                 train=dict(steps=800, batch_size=32, learning_rate=3e-3, log_every=50)),
+                 train=dict(steps=800, batch_size=32, learning_rate=3e-3, log_every=50),
+                 threads=1),  # measured on one thread (1.00 on seeds 0 and 1; 650 steps fell to 0.447 on seed 1)
 ))
 register(ZooRecipe(
     name="arith-cot-student",
